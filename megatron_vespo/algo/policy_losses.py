@@ -1,0 +1,269 @@
+"""Policy losses behind one interface, chosen by name from a registry.
+
+Every loss takes the same `PolicyLossInput`: this rank's tokens (log pi with grad, behaviour log-probs,
+the mask, which sequence each token belongs to), per-sequence scalars already reduced over context
+parallelism (`SequenceStats`), and global denominators for the whole optimizer step. A loss only ever
+reads its local tokens plus those scalars, so the same function is exact sharded or unsharded: the sum
+of its values over all DP x CP ranks and micro-batches is the global loss.
+
+    vespo   -sg[phi(W)] A sum_t log pi_t / N_tokens       (Eq. 20 kernel, no ratio, no clip)
+    seq_is  -sg[W] A sum_t log pi_t / N_tokens            (naive sequence IS: unbiased, unbounded)
+    grpo    -min(rho_t A, clip(rho_t, 1-el, 1+eh) A) / N_tokens        (token PPO clip)
+    cispo   -sg[clip(rho_t, lo, 1+eh)] A log pi_t / N_tokens            (clipped, detached token IS)
+    gspo    -min(s_i A, clip(s_i) A) / (T_i N_seqs), s_i = exp(log W_i / T_i)  (length-normalised)
+    sapo    -sigmoid(tau (rho_t - 1)) 4/tau A / (T_i N_seqs)            (soft gate instead of a clip)
+
+Sequences with a non-finite log-ratio contribute nothing and are counted in the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .importance import SequenceStats, token_log_ratio
+from .kernel import KernelConstants, variance_bound_constant, vespo_phi
+from .metrics import MetricSums, sequence_metrics
+
+
+@dataclass(frozen=True)
+class Denominators:
+    """Global counts for one optimizer step (all micro-batches, DP x CP), computed before the step.
+
+    tokens: response tokens (the token-mean normaliser); sequences: sequences with response tokens
+    (the sequence-mean normaliser). Sequences later dropped for non-finite log-ratios stay counted.
+    """
+
+    tokens: float
+    sequences: float
+
+    def __post_init__(self) -> None:
+        if not self.tokens > 0 or not self.sequences > 0:
+            raise ValueError(
+                f"the optimizer step has no response tokens (tokens={self.tokens}, "
+                f"sequences={self.sequences}): check the loss mask of the batch"
+            )
+
+
+@dataclass(frozen=True)
+class PolicyLossInput:
+    """Local tokens of one micro-batch plus sequence scalars; shapes T (local tokens), S (sequences).
+
+    logp: [T] log pi with grad. behaviour_logp: [T] the ratio's denominator (old policy, or the
+    engine's with the mismatch fold; see `importance.behaviour_logprobs`). mask: [T] response tokens.
+    seq_index: [T] int64 sequence of each token. advantages: [S]. seq: CP-reduced `SequenceStats`.
+    """
+
+    logp: Tensor
+    behaviour_logp: Tensor
+    mask: Tensor
+    seq_index: Tensor
+    advantages: Tensor
+    seq: SequenceStats
+    denom: Denominators
+
+    def __post_init__(self) -> None:
+        t = self.logp.shape
+        if self.logp.dim() != 1:
+            raise ValueError(f"logp must be 1-D [T], got shape {tuple(t)}")
+        for name in ("behaviour_logp", "mask", "seq_index"):
+            if getattr(self, name).shape != t:
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, logp {tuple(t)}")
+        if self.advantages.shape != (self.seq.num_seqs,):
+            raise ValueError(
+                f"advantages has shape {tuple(self.advantages.shape)}, expected ({self.seq.num_seqs},)"
+            )
+        if self.seq_index.dtype != torch.int64:
+            raise ValueError(f"seq_index must be int64, got {self.seq_index.dtype}")
+
+    @property
+    def contributing(self) -> Tensor:
+        """[T] bool: response tokens of valid sequences."""
+        return self.mask.bool() & self.seq.valid[self.seq_index]
+
+    @property
+    def token_advantages(self) -> Tensor:
+        return self.advantages.float()[self.seq_index]
+
+    def masked_logp(self) -> Tensor:
+        """log pi with non-contributing tokens replaced by 0, so a NaN there cannot reach a gradient."""
+        return torch.where(self.contributing, self.logp.float(), 0.0)
+
+    def inverse_seq_len(self) -> Tensor:
+        """[T] 1 / T_i of each token's whole sequence (T_i summed over CP ranks)."""
+        return (1.0 / self.seq.num_tokens.clamp(min=1)).float()[self.seq_index]
+
+
+@dataclass(frozen=True)
+class PolicyLossOutput:
+    loss: Tensor  # scalar: this rank's share of the global loss
+    metrics: MetricSums
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    name: str
+    params_type: type
+    fn: Callable[[PolicyLossInput, Any], PolicyLossOutput]
+
+    def __call__(self, inp: PolicyLossInput, params: Optional[Any] = None) -> PolicyLossOutput:
+        return self.fn(inp, self.params_type() if params is None else params)
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register(name: str, params_type: type):
+    def wrap(fn):
+        POLICY_LOSSES[name] = PolicyLoss(name, params_type, fn)
+        return fn
+
+    return wrap
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"algorithm.loss={name!r} is unknown; choose one of {sorted(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
+
+
+def _token_stats(inp: PolicyLossInput, loss: Tensor, **counts: Tensor) -> MetricSums:
+    tok = {"loss": loss.detach().double(), "n_tok": inp.contributing.double().sum()}
+    tok.update({k: v.double().sum() for k, v in counts.items()})
+    return MetricSums(tok=tok)
+
+
+def _weighted_reinforce(inp: PolicyLossInput, seq_weight: Tensor) -> Tensor:
+    """-sum_t sg[w_i] A_i log pi_t / N_tokens over this rank's tokens."""
+    coef = (seq_weight.detach().float() * inp.advantages.float())[inp.seq_index]
+    return -(coef * inp.masked_logp()).sum() / inp.denom.tokens
+
+
+@register("vespo", KernelConstants)
+def vespo_loss(inp: PolicyLossInput, p: KernelConstants) -> PolicyLossOutput:
+    phi = torch.where(inp.seq.valid, vespo_phi(inp.seq.log_w, inp.advantages, **asdict(p)), 0.0)
+    loss = _weighted_reinforce(inp, phi)
+    k = (variance_bound_constant(*p.for_sign(True)), variance_bound_constant(*p.for_sign(False)))
+    metrics = sequence_metrics(inp.seq, inp.advantages, phi, k).merge(_token_stats(inp, loss))
+    return PolicyLossOutput(loss, metrics)
+
+
+@dataclass(frozen=True)
+class SeqIsParams:
+    pass
+
+
+@register("seq_is", SeqIsParams)
+def seq_is_loss(inp: PolicyLossInput, p: SeqIsParams) -> PolicyLossOutput:
+    w = torch.where(inp.seq.valid, inp.seq.log_w.exp(), 0.0)
+    loss = _weighted_reinforce(inp, w)
+    # phi(W) = W: sup phi(w)/w = 1.
+    metrics = sequence_metrics(inp.seq, inp.advantages, w, (1.0, 1.0)).merge(_token_stats(inp, loss))
+    return PolicyLossOutput(loss, metrics)
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"clip needs 0 <= eps_low < 1 and eps_high >= 0, got "
+                             f"eps_low={self.eps_low}, eps_high={self.eps_high}")
+
+
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, p: ClipParams) -> tuple[Tensor, Tensor, Tensor]:
+    """min(ratio A, clip(ratio) A) and where the clip is active on the low / high side."""
+    clipped = ratio.clamp(1.0 - p.eps_low, 1.0 + p.eps_high)
+    surrogate = torch.minimum(ratio * adv, clipped * adv)
+    low = (adv < 0) & (ratio < 1.0 - p.eps_low)
+    high = (adv > 0) & (ratio > 1.0 + p.eps_high)
+    return surrogate, low, high
+
+
+@register("grpo", ClipParams)
+def grpo_loss(inp: PolicyLossInput, p: ClipParams) -> PolicyLossOutput:
+    r, _ = token_log_ratio(inp.masked_logp(), inp.behaviour_logp)
+    surrogate, low, high = _clipped_surrogate(r.exp(), inp.token_advantages, p)
+    keep = inp.contributing
+    loss = -torch.where(keep, surrogate, 0.0).sum() / inp.denom.tokens
+    metrics = sequence_metrics(inp.seq, inp.advantages).merge(
+        _token_stats(inp, loss, clip_low=low & keep, clip_high=high & keep)
+    )
+    return PolicyLossOutput(loss, metrics)
+
+
+@dataclass(frozen=True)
+class GspoParams(ClipParams):
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+
+
+@register("gspo", GspoParams)
+def gspo_loss(inp: PolicyLossInput, p: GspoParams) -> PolicyLossOutput:
+    seq_ratio = (inp.seq.log_w / inp.seq.num_tokens.clamp(min=1).float()).exp()
+    logp = inp.masked_logp()
+    # Value s_i on every token, gradient s_i * grad log pi_t (GSPO's token-level form).
+    token_ratio = seq_ratio[inp.seq_index] * (logp - logp.detach()).exp()
+    surrogate, low, high = _clipped_surrogate(token_ratio, inp.token_advantages, p)
+    keep = inp.contributing
+    per_token = torch.where(keep, surrogate * inp.inverse_seq_len(), 0.0)
+    loss = -per_token.sum() / inp.denom.sequences
+    metrics = sequence_metrics(inp.seq, inp.advantages).merge(
+        _token_stats(inp, loss, clip_low=low & keep, clip_high=high & keep)
+    )
+    return PolicyLossOutput(loss, metrics)
+
+
+@dataclass(frozen=True)
+class SapoParams:
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+    def __post_init__(self) -> None:
+        if not (self.tau_pos > 0 and self.tau_neg > 0):
+            raise ValueError(f"sapo temperatures must be > 0, got tau_pos={self.tau_pos}, "
+                             f"tau_neg={self.tau_neg}")
+
+
+@register("sapo", SapoParams)
+def sapo_loss(inp: PolicyLossInput, p: SapoParams) -> PolicyLossOutput:
+    r, _ = token_log_ratio(inp.masked_logp(), inp.behaviour_logp)
+    adv = inp.token_advantages
+    tau = torch.where(adv > 0, p.tau_pos, p.tau_neg)
+    gate = torch.sigmoid(tau * (r.exp() - 1.0)) * (4.0 / tau)
+    keep = inp.contributing
+    per_token = torch.where(keep, gate * adv * inp.inverse_seq_len(), 0.0)
+    loss = -per_token.sum() / inp.denom.sequences
+    metrics = sequence_metrics(inp.seq, inp.advantages).merge(_token_stats(inp, loss))
+    return PolicyLossOutput(loss, metrics)
+
+
+@dataclass(frozen=True)
+class CispoParams:
+    eps_low: Optional[float] = None  # None: no lower clip (MiniMax-M1's setting)
+    eps_high: float = 0.28
+
+    def __post_init__(self) -> None:
+        if (self.eps_low is not None and not 0 <= self.eps_low < 1) or self.eps_high < 0:
+            raise ValueError(f"cispo needs 0 <= eps_low < 1 (or null) and eps_high >= 0, got "
+                             f"eps_low={self.eps_low}, eps_high={self.eps_high}")
+
+
+@register("cispo", CispoParams)
+def cispo_loss(inp: PolicyLossInput, p: CispoParams) -> PolicyLossOutput:
+    r, _ = token_log_ratio(inp.logp.detach(), inp.behaviour_logp)
+    rho = r.exp()
+    low_bound = None if p.eps_low is None else 1.0 - p.eps_low
+    weight = rho.clamp(low_bound, 1.0 + p.eps_high)
+    keep = inp.contributing
+    loss = -(weight * inp.token_advantages * inp.masked_logp()).sum() / inp.denom.tokens
+    low = torch.zeros_like(keep) if low_bound is None else (rho < low_bound)
+    metrics = sequence_metrics(inp.seq, inp.advantages).merge(
+        _token_stats(inp, loss, clip_low=low & keep, clip_high=(rho > 1.0 + p.eps_high) & keep)
+    )
+    return PolicyLossOutput(loss, metrics)

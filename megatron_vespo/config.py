@@ -1,0 +1,161 @@
+"""One typed configuration: YAML -> frozen dataclasses, validated on load.
+
+Unknown keys, wrong types and invalid values are errors that name the dotted key (and the allowed
+keys or values). Command-line overrides use the same dotted names: `algorithm.vespo.c1_pos=2.5`.
+Sections are added here as the product grows; each section's dataclass validates itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import yaml
+
+from .algo.kernel import KernelConstants
+from .algo.policy_losses import (POLICY_LOSSES, CispoParams, ClipParams, GspoParams, SapoParams,
+                                 SeqIsParams)
+from .parallel.layout import ParallelLayout
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key at fault."""
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """Group-relative advantages: R - mean(group), divided by the group std if `scale_by_std`."""
+
+    scale_by_std: bool = False
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The policy loss and its constants; one sub-section per registered loss."""
+
+    loss: str = "vespo"
+    vespo: KernelConstants = field(default_factory=KernelConstants)
+    seq_is: SeqIsParams = field(default_factory=SeqIsParams)
+    grpo: ClipParams = field(default_factory=ClipParams)
+    gspo: GspoParams = field(default_factory=GspoParams)
+    sapo: SapoParams = field(default_factory=SapoParams)
+    cispo: CispoParams = field(default_factory=CispoParams)
+    # Take the importance ratio against the rollout engine's log-probs (log-space fold).
+    correct_mismatch: bool = False
+    # |log pi_old - log mu_engine| above this counts as an extreme token in mismatch/extreme_frac.
+    mismatch_threshold: float = 1.0
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss not in POLICY_LOSSES:
+            raise ValueError(f"loss={self.loss!r} is unknown; allowed: {sorted(POLICY_LOSSES)}")
+
+    @property
+    def loss_params(self) -> Any:
+        """The parameters of the selected loss (its sub-section)."""
+        return getattr(self, self.loss)
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads exponents without a dot (1e-6) as strings: accept any numeric string.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {tp!r}")
+
+
+def build(cls: type, data: Any, key: str = "") -> Any:
+    """Construct dataclass `cls` from a mapping, checking every key and value."""
+    where = key or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{key + '.' if key else ''}{k}: unknown key; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{key + '.' if key else ''}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    dotted, raw = override.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML file (or the defaults when `path` is None) and apply dotted overrides."""
+    tree: dict = {}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for override in overrides:
+        _apply_override(tree, override)
+    return build(Config, tree)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for every leaf of a config (what a run tracker logs as params)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out

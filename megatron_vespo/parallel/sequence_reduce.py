@@ -1,0 +1,38 @@
+"""Per-sequence importance statistics under context parallelism: one all-reduce of scalars.
+
+phi(W) needs the whole sequence's log W but is a detached coefficient, so no token has to move:
+each CP rank sums its own tokens' log-ratios per sequence, one non-differentiable all-reduce of the
+[S, 3] partial sums over the CP group makes the statistics identical on every CP rank, and each rank
+then applies the loss to its local tokens only. Cost: 3 scalars per sequence instead of gathering
+O(T) log-probs per sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.distributed as dist
+from torch import Tensor
+
+from ..algo.importance import SequenceStats, local_sequence_sums
+
+
+def sequence_stats(
+    r: Tensor,
+    finite: Tensor,
+    mask: Tensor,
+    seq_index: Tensor,
+    num_seqs: int,
+    cp_group: Optional[dist.ProcessGroup] = None,
+) -> SequenceStats:
+    """Sequence log-weights, lengths and non-finite counts over all CP ranks' tokens.
+
+    Args:
+        r, finite, mask, seq_index: [T_local] this rank's tokens (see `importance.token_log_ratio`).
+        num_seqs: S, the same on every CP rank (every rank holds a slice of every sequence).
+        cp_group: the context-parallel group, or None when unsharded.
+    """
+    sums = local_sequence_sums(r, finite, mask, seq_index, num_seqs)
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        dist.all_reduce(sums, group=cp_group)
+    return SequenceStats.from_sums(sums)

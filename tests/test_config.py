@@ -1,0 +1,52 @@
+"""The typed config: shipped files load, and bad input names the key at fault."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_vespo.algo.policy_losses import POLICY_LOSSES
+from megatron_vespo.config import AlgorithmConfig, ConfigError, flatten, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_every_registered_loss_has_a_config_section_of_its_params_type():
+    config = AlgorithmConfig()
+    for name, loss in POLICY_LOSSES.items():
+        assert isinstance(getattr(config, name), loss.params_type)
+        selected = AlgorithmConfig(loss=name)
+        assert selected.loss_params is getattr(selected, name)
+
+
+def test_overrides_are_typed_and_reach_the_selected_loss():
+    config = load_config(None, ["algorithm.loss=gspo", "algorithm.gspo.eps_high=5e-4", "parallel.cp=2"])
+    assert config.algorithm.loss_params.eps_high == 5e-4 and config.parallel.cp == 2
+    flat = flatten(config)
+    assert flat["algorithm.vespo.c1_pos"] == 2.0 and flat["parallel.cp"] == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.vespo.c3=1", r"algorithm\.vespo\.c3: unknown key; allowed: \['c1_neg'"),
+    ("algorithm.vespo.c1_pos=abc", r"algorithm\.vespo\.c1_pos: expected a number"),
+    ("algorithm.loss=ppo", r"algorithm: loss='ppo' is unknown; allowed: \['cispo'"),
+    ("algorithm.correct_mismatch=yes please", r"algorithm\.correct_mismatch: expected true/false"),
+    ("parallel.tp=0", r"parallel: tp must be a positive integer"),
+    ("algorithm.vespo.c2_neg=-1", r"algorithm\.vespo: kernel c2_neg must be finite and > 0"),
+    ("algorithm.sapo.tau_neg=0", r"algorithm\.sapo: sapo temperatures must be > 0"),
+    ("algorithm", r"expected dotted\.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_file_with_an_unknown_top_level_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algorithm: {loss: vespo}\nrollouts: {}\n")
+    with pytest.raises(ConfigError, match=r"^rollouts: unknown key; allowed: \['algorithm', 'parallel'\]"):
+        load_config(path)
