@@ -183,4 +183,4 @@ def _stats(batch, logp):
     from megatron_vespo.parallel.sequence_reduce import sequence_stats
 
     r, finite = token_log_ratio(logp.detach(), batch.old_logp)
-    return sequence_stats(r, finite, batch.loss_mask, batch.seq_index, batch.num_seqs)
+    return sequence_stats(r, finite, batch.loss_mask, batch.local_seq_lengths)

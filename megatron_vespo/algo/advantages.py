@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """Group-relative advantages: R - mean(group), divided by the group std if `scale_by_std`."""
+
+    scale_by_std: bool = False
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"advantage eps must be > 0, got {self.eps}")
 
 
 def group_relative_advantages(

@@ -49,35 +49,26 @@ def token_log_ratio(logp: Tensor, behaviour_logp: Tensor) -> tuple[Tensor, Tenso
     """
     raw = logp.float() - behaviour_logp.float()
     finite = torch.isfinite(raw)
-    r = torch.where(finite, raw, torch.zeros_like(raw)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    r = torch.where(finite, raw, 0.0).clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return r, finite
 
 
 @torch.no_grad()
-def local_sequence_sums(
-    r: Tensor, finite: Tensor, mask: Tensor, seq_index: Tensor, num_seqs: int
-) -> Tensor:
+def local_sequence_sums(r: Tensor, finite: Tensor, mask: Tensor, seq_lengths: Tensor) -> Tensor:
     """Sum this rank's tokens per sequence.
 
     Args:
         r, finite, mask: [T] (mask: response tokens that count).
-        seq_index: [T] int64 in [0, num_seqs): the sequence each token belongs to.
+        seq_lengths: [S] int64, positions of each sequence on this rank; a sequence's positions are
+            contiguous and the lengths sum to T (the packed layout guarantees both).
     Returns:
-        [S, 3] float64: (sum of r, response-token count, non-finite token count). float64 so
-        that the cross-rank sum is exact enough to be independent of the sharding.
+        [S, 3] float64: (sum of r, response-token count, non-finite token count). Segments are
+        summed in fp32 (a contiguous segment reduction, the fast path on every device); the [S, 3]
+        result is float64 so the cross-rank sum adds no rounding of its own.
     """
     m = mask.bool()
-    cols = torch.stack(
-        [
-            torch.where(m, r.detach(), 0.0).double(),
-            m.double(),
-            (m & ~finite).double(),
-        ],
-        dim=1,
-    )
-    return torch.zeros(num_seqs, 3, dtype=torch.float64, device=r.device).index_add_(
-        0, seq_index, cols
-    )
+    cols = torch.stack([torch.where(m, r.detach().float(), 0.0), m.float(), (m & ~finite).float()], 1)
+    return torch.segment_reduce(cols, "sum", lengths=seq_lengths, axis=0).double()
 
 
 @dataclass(frozen=True)

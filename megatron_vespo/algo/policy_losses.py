@@ -19,6 +19,7 @@ Sequences with a non-finite log-ratio contribute nothing and are counted in the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, Callable, Optional
 
 import torch
@@ -79,7 +80,7 @@ class PolicyLossInput:
         if self.seq_index.dtype != torch.int64:
             raise ValueError(f"seq_index must be int64, got {self.seq_index.dtype}")
 
-    @property
+    @cached_property
     def contributing(self) -> Tensor:
         """[T] bool: response tokens of valid sequences."""
         return self.mask.bool() & self.seq.valid[self.seq_index]
@@ -131,8 +132,8 @@ def get_policy_loss(name: str) -> PolicyLoss:
 
 
 def _token_stats(inp: PolicyLossInput, loss: Tensor, **counts: Tensor) -> MetricSums:
-    tok = {"loss": loss.detach().double(), "n_tok": inp.contributing.double().sum()}
-    tok.update({k: v.double().sum() for k, v in counts.items()})
+    tok = {"loss": loss.detach().double(), "n_tok": inp.contributing.sum(dtype=torch.float64)}
+    tok.update({k: v.sum(dtype=torch.float64) for k, v in counts.items()})
     return MetricSums(tok=tok)
 
 

@@ -18,10 +18,10 @@ from torch import Tensor
 
 
 def required_pad_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
-    """Per-sequence padding multiple: 2*cp for the zigzag split, and tp under sequence parallelism
-    (each rank's slice of the packed sequence is split again across TP ranks)."""
+    """Per-sequence padding multiple: 2*cp for the zigzag split, and under sequence parallelism
+    cp*tp, so that each CP rank's share of every sequence splits evenly across its TP ranks."""
     multiple = 2 * cp if cp > 1 else 1
-    return math.lcm(multiple, tp) if sequence_parallel else multiple
+    return math.lcm(multiple, cp * tp) if sequence_parallel else multiple
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class PackedBatch:
     cu_seqlens_padded: Tensor
     response_lengths: Tensor
     advantages: Tensor
+    cp_size: int = 1  # > 1 after `cp_shard`: the per-position tensors hold 1/cp of every sequence
 
     PER_POSITION = ("input_ids", "target_ids", "loss_mask", "old_logp", "engine_logp",
                     "position_ids", "seq_index")
@@ -58,6 +59,11 @@ class PackedBatch:
     @property
     def num_positions(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def local_seq_lengths(self) -> Tensor:
+        """[S] int64 positions of each sequence held here (contiguous, in sequence order)."""
+        return torch.diff(self.cu_seqlens_padded).long() // self.cp_size
 
     def map_positions(self, fn) -> "PackedBatch":
         """Apply `fn` to every per-position tensor (engine_logp may be None)."""
@@ -174,8 +180,10 @@ def zigzag_index(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> Tenso
 
 def cp_shard(batch: PackedBatch, cp_size: int, cp_rank: int) -> PackedBatch:
     """This CP rank's tokens of a packed micro-batch (per-sequence fields unchanged)."""
+    if batch.cp_size != 1:
+        raise ValueError("cp_shard needs the whole micro-batch, got one already sharded")
     index = zigzag_index(batch.cu_seqlens_padded, cp_size, cp_rank)
-    return batch.map_positions(lambda t: t.index_select(0, index))
+    return replace(batch.map_positions(lambda t: t.index_select(0, index)), cp_size=cp_size)
 
 
 def cp_unshard(shards: Sequence[Tensor], cu_seqlens_padded: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ def shard_policy_loss(
     """
     behaviour = behaviour_logprobs(batch.old_logp, batch.engine_logp, correct_mismatch)
     r, finite = token_log_ratio(logp.detach(), behaviour)
-    seq = sequence_stats(r, finite, batch.loss_mask, batch.seq_index, batch.num_seqs, cp_group)
+    seq = sequence_stats(r, finite, batch.loss_mask, batch.local_seq_lengths, cp_group)
     out = policy_loss(
         PolicyLossInput(
             logp=logp,

@@ -21,18 +21,18 @@ def sequence_stats(
     r: Tensor,
     finite: Tensor,
     mask: Tensor,
-    seq_index: Tensor,
-    num_seqs: int,
+    seq_lengths: Tensor,
     cp_group: Optional[dist.ProcessGroup] = None,
 ) -> SequenceStats:
     """Sequence log-weights, lengths and non-finite counts over all CP ranks' tokens.
 
     Args:
-        r, finite, mask, seq_index: [T_local] this rank's tokens (see `importance.token_log_ratio`).
-        num_seqs: S, the same on every CP rank (every rank holds a slice of every sequence).
+        r, finite, mask: [T_local] this rank's tokens (see `importance.token_log_ratio`).
+        seq_lengths: [S] this rank's positions per sequence; S is the same on every CP rank (every
+            rank holds a slice of every sequence).
         cp_group: the context-parallel group, or None when unsharded.
     """
-    sums = local_sequence_sums(r, finite, mask, seq_index, num_seqs)
+    sums = local_sequence_sums(r, finite, mask, seq_lengths)
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(sums, group=cp_group)
     return SequenceStats.from_sums(sums)

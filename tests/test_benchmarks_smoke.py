@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end with tiny sizes: exit 0, print their table and a verdict.
+
+Each runs as a subprocess (`python benchmarks/<script>.py <small flags>`), as a user would run it.
+Only correctness of the plumbing is checked here, never the measured numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *flags: str, timeout: float = 120.0) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *flags],
+        capture_output=True, text=True, timeout=timeout, cwd=BENCHMARKS.parent,
+    )
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_loss_throughput_small():
+    out = run_script("loss_throughput.py", "--seqs", "8", "--seq-len", "64", "--repeats", "1",
+                     "--warmup", "0", "--threads", "1")
+    assert re.search(r"^path\s+best ms\s+Mtok/s\s+GB/s\s+vs copy$", out, re.M), out
+    for row in ("copy (baseline)", "vespo", "grpo"):
+        assert re.search(rf"^{re.escape(row)}\s", out, re.M), out
+    assert re.search(r"^piece\s+best ms\s+share$", out, re.M), out
+    assert re.search(r"^RESULT vespo loss path / copy bandwidth = [\d.]+ .*: (PASS|FAIL)$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_cp_comm_bytes_small():
+    out = run_script("cp_comm_bytes.py", "--cp", "2", "--seqs", "2", "--seq-len", "64")
+    assert re.search(r"^cp\s+S\s+T\s+T/rank\s+scheme collectives", out, re.M), out
+    assert re.search(r"^cp\s+scheme 2\(n-1\)/n\*24\*S", out, re.M), out
+    row = re.search(r"^2\s+2\s+.*all_reduce\[2,3\]float64.*\s(yes|NO)\s+[\d.e+-]+\s+[\d.]+$", out, re.M)
+    assert row and row.group(1) == "yes", out  # every rank logged the same collectives
+    assert re.search(r"^RESULT min gather/scheme ratio .*: (PASS|FAIL)$", out, re.M), out
