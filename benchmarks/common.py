@@ -1,7 +1,7 @@
 """Small helpers shared by the benchmark scripts: plain-text tables, byte formatting, import path.
 
 Scripts in benchmarks/ are run as files (`python benchmarks/x.py`), so they call `add_repo_root()`
-before importing `tests.distributed` or this module as `benchmarks.common`.
+before importing this module as `benchmarks.common`.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def unsharded_loss(num_seqs: int, seq_len: int, cp: int, loss_name: str, seed: i
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tests.distributed import run_ranks
+    from megatron_vespo.launch import run_ranks
 
     cps = [int(c) for c in args.cp.split(",") if c.strip()]
     measured, analytic, ratios = [], [], []

@@ -1,6 +1,7 @@
 """`megatron-vespo` command line.
 
-`demo` prints the configured kernel (phi table, mode, peak, variance-bound constant K) and what it does
+`train` trains the policy (for now offline, from a file of recorded rollouts); `demo` prints the
+configured kernel (phi table, mode, peak, variance-bound constant K) and what it does
 to increasingly stale batches next to naive sequence importance sampling.
 """
 
@@ -68,6 +69,22 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    from .launch import run_ranks
+    from .learner.samples import read_samples
+    from .offline import train_offline_rank
+
+    config = load_config(args.config, args.overrides)
+    # Validate the whole file before any rank starts, so bad input is one clear error, not N tracebacks.
+    read_samples(args.rollouts, vocab_size=config.model.vocab_size)
+    last = run_ranks(train_offline_rank, config.train.world_size, config, str(args.rollouts),
+                     args.resume)[0]
+    if last:
+        print(f"finished at policy version {int(last['policy_version'])}: loss {last['loss']:+.5f}, "
+              f"metrics in {config.train.output_dir}/metrics.jsonl")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-vespo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,10 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-seqs", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
+    t = sub.add_parser("train", help="train the policy (offline from recorded rollouts)")
+    t.add_argument("config", help="YAML config")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    t.add_argument("--rollouts", required=True,
+                   help="JSONL file of recorded samples (see megatron_vespo/learner/samples.py)")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.set_defaults(func=train)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"megatron-vespo: error: {e}", file=sys.stderr)
         return 2
 

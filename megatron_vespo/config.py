@@ -16,22 +16,18 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from .algo.advantages import AdvantageConfig
 from .algo.kernel import KernelConstants
 from .algo.policy_losses import (POLICY_LOSSES, CispoParams, ClipParams, GspoParams, SapoParams,
                                  SeqIsParams)
+from .learner.learner import OptimConfig
+from .learner.model import ModelConfig, check_moe_layout
+from .learner.train_config import TrainConfig
 from .parallel.layout import ParallelLayout
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the dotted key at fault."""
-
-
-@dataclass(frozen=True)
-class AdvantageConfig:
-    """Group-relative advantages: R - mean(group), divided by the group std if `scale_by_std`."""
-
-    scale_by_std: bool = False
-    eps: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -65,6 +61,19 @@ class AlgorithmConfig:
 class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.world_size % (self.parallel.tp * self.parallel.pp * self.parallel.cp):
+            raise ValueError(f"train.world_size ({self.train.world_size}) must be divisible by "
+                             f"parallel tp*pp*cp ({self.parallel.tp * self.parallel.pp * self.parallel.cp})")
+        dp = self.parallel.dp(self.train.world_size)
+        if self.train.mini_batch_size < dp:
+            raise ValueError(f"train: a mini-batch of {self.train.mini_batch_size} samples "
+                             f"(rollout_batch_size / staleness) cannot feed {dp} data-parallel ranks")
+        check_moe_layout(self.model, self.parallel)
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -24,7 +24,8 @@ def test_every_registered_loss_has_a_config_section_of_its_params_type():
 
 
 def test_overrides_are_typed_and_reach_the_selected_loss():
-    config = load_config(None, ["algorithm.loss=gspo", "algorithm.gspo.eps_high=5e-4", "parallel.cp=2"])
+    config = load_config(None, ["algorithm.loss=gspo", "algorithm.gspo.eps_high=5e-4", "parallel.cp=2",
+                                "train.world_size=2"])
     assert config.algorithm.loss_params.eps_high == 5e-4 and config.parallel.cp == 2
     flat = flatten(config)
     assert flat["algorithm.vespo.c1_pos"] == 2.0 and flat["parallel.cp"] == 2
@@ -39,6 +40,9 @@ def test_overrides_are_typed_and_reach_the_selected_loss():
     ("algorithm.vespo.c2_neg=-1", r"algorithm\.vespo: kernel c2_neg must be finite and > 0"),
     ("algorithm.sapo.tau_neg=0", r"algorithm\.sapo: sapo temperatures must be > 0"),
     ("algorithm", r"expected dotted\.key=value"),
+    ("train.staleness=3", r"train: rollout_batch_size \(16\) must be divisible by staleness \(3\)"),
+    ("model.family=llama", r"model: family='llama' is unknown; allowed: \['qwen2'"),
+    ("optim.lr=0", r"optim: lr must be > 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -48,5 +52,5 @@ def test_bad_values_name_the_key(override, message):
 def test_a_file_with_an_unknown_top_level_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("algorithm: {loss: vespo}\nrollouts: {}\n")
-    with pytest.raises(ConfigError, match=r"^rollouts: unknown key; allowed: \['algorithm', 'parallel'\]"):
+    with pytest.raises(ConfigError, match=r"^rollouts: unknown key; allowed: \['algorithm', 'model', 'optim', 'parallel', 'train'\]"):
         load_config(path)

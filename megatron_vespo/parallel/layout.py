@@ -21,12 +21,12 @@ class ParallelLayout:
     pp: int = 1
     cp: int = 1
     ep: int = 1
-    etp: int = 1
+    etp: Optional[int] = None  # expert tensor parallelism; None: the same as tp (megatron's default)
     vpp: Optional[int] = None
     sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp", "ep", "etp"):
+        for name in ("tp", "pp", "cp", "ep", "expert_tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -34,6 +34,10 @@ class ParallelLayout:
             raise ValueError("vpp needs pp >= 2 and vpp >= 2 (virtual stages per rank)")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("sequence_parallel needs tp > 1")
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     def dp(self, world_size: int) -> int:
         """Data-parallel size for `world_size` ranks (dense layers: world / (tp * pp * cp))."""
@@ -43,7 +47,7 @@ class ParallelLayout:
                 f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}"
             )
         dp = world_size // model_parallel
-        expert_model_parallel = self.etp * self.ep * self.pp
+        expert_model_parallel = self.expert_tp * self.ep * self.pp
         if world_size % expert_model_parallel:
             raise ValueError(
                 f"world size {world_size} is not divisible by etp*ep*pp = {expert_model_parallel}"
@@ -63,7 +67,7 @@ class ParallelLayout:
             virtual_pipeline_model_parallel_size=self.vpp,
             context_parallel_size=self.cp,
             expert_model_parallel_size=self.ep,
-            expert_tensor_parallel_size=self.etp,
+            expert_tensor_parallel_size=self.expert_tp,
         )
         return ParallelGroups.from_parallel_state()
 

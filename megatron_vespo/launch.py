@@ -1,0 +1,113 @@
+"""Run a function on N ranks of one machine: spawned processes joined by a gloo (CPU) or NCCL (GPU)
+default process group, the way torchrun would start them.
+
+Under torchrun or srun (RANK/WORLD_SIZE in the environment) nothing is spawned: `run_ranks` runs
+`fn` in this process as the given rank. Otherwise it spawns `world_size` processes, each applying
+the CPU shim for megatron-core when there is no GPU, and returns every rank's return value.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_rank(rank: int, world_size: int, init_method: str) -> None:
+    """Prepare this process as one rank: CPU shim (no GPU), one thread per rank on CPU, the default
+    process group."""
+    import torch.distributed as dist
+
+    from megatron_vespo.patches import apply_cpu_patches
+
+    apply_cpu_patches()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        torch.set_num_threads(1)
+        backend = "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size, init_method=init_method)
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        finally:
+            dist.destroy_process_group()
+
+
+def _child(rank, world_size, port, fn, args, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    out = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        init_rank(rank, world_size, f"tcp://127.0.0.1:{port}")
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, out)
+    except BaseException:  # every failure, assertion errors and KeyboardInterrupt included
+        torch.save({"ok": False, "error": traceback.format_exc()}, out)
+        raise SystemExit(1)
+    finally:
+        _shutdown()
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks failed; the message holds each failing rank's traceback."""
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 3600.0) -> list:
+    """`fn(rank, world_size, *args)` on every rank; returns the list of results indexed by rank.
+
+    `fn` must be importable by module path (it is pickled into spawned children).
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / srun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        init_rank(rank, world, "env://")
+        try:
+            return [fn(rank, world, *args)]
+        finally:
+            _shutdown()
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = _free_port()
+        procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, out_dir))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join(timeout)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        reports = []
+        for r in range(world_size):
+            path = Path(out_dir) / f"rank{r}.pt"
+            reports.append(torch.load(path, weights_only=False) if path.exists() else None)
+        errors = [f"--- rank {r} ---\n{rep['error']}" for r, rep in enumerate(reports)
+                  if rep is not None and not rep["ok"]]
+        missing = [r for r, rep in enumerate(reports) if rep is None]
+        if errors or missing:
+            codes = [p.exitcode for p in procs]
+            raise RankFailure(f"ranks without a report {missing} (exit codes {codes})\n" + "\n".join(errors))
+        return [rep["result"] for rep in reports]

@@ -1,0 +1,242 @@
+"""The Megatron learner: model chunks in megatron's DDP, its optimizer and scheduler, and the policy
+update through megatron's own forward/backward schedules (pipeline schedules included).
+
+One optimizer step = one mini-batch: this rank's micro-batches go through `get_forward_backward_func`;
+the last pipeline stage turns logits into per-token log pi (vocab-parallel), the loss registry
+computes the configured policy loss on its local tokens, and `schedule_loss_output` undoes megatron's
+own loss scaling so gradients are those of the globally normalised loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..algo.metrics import MetricSums
+from ..algo.policy_losses import Denominators, get_policy_loss
+from ..parallel.layout import ParallelGroups, ParallelLayout
+from ..parallel.logprobs import vocab_parallel_logprobs
+from ..parallel.megatron_scaling import schedule_loss_output
+from ..parallel.packing import PackedBatch
+from ..parallel.policy_objective import shard_policy_loss
+from ..parallel.step_reduce import reduce_step_metrics
+from .model import ModelConfig, build_model_chunks, transformer_config, use_transformer_engine
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """megatron `OptimizerConfig` and `OptimizerParamScheduler` settings (Adam)."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int = 0  # 0: the schedule never decays
+    lr_decay_style: str = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_decay_style={self.lr_decay_style!r}; allowed: constant, linear, cosine")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the loss path needs from the algorithm config."""
+
+    loss: str = "vespo"
+    params: object = None
+    correct_mismatch: bool = False
+    mismatch_threshold: float = 1.0
+    logprob_chunk_tokens: int = 1024
+
+
+class Learner:
+    """Holds the model chunks, optimizer and scheduler of this rank; `policy_version` counts steps."""
+
+    def __init__(self, model_cfg: ModelConfig, layout: ParallelLayout, groups: ParallelGroups,
+                 optim: OptimConfig, loss: LossSettings, **config_overrides) -> None:
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig, finalize_model_grads)
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.model_cfg, self.layout, self.groups, self.loss = model_cfg, layout, groups, loss
+        get_policy_loss(loss.loss)  # fail at construction on an unknown name
+        self.thd = use_transformer_engine(model_cfg)
+        # Pipeline stages exchange activations whose length varies per micro-batch.
+        self.config = transformer_config(model_cfg, layout, variable_seq_lengths=layout.pp > 1,
+                                         **config_overrides)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=optim.use_distributed_optimizer)
+        self.chunks = [DistributedDataParallel(self.config, ddp_config, chunk)
+                       for chunk in build_model_chunks(model_cfg, layout, self.config)]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 \
+            else self.chunks[0].no_sync
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad, bf16=model_cfg.dtype == torch.bfloat16,
+            params_dtype=model_cfg.dtype, use_distributed_optimizer=optim.use_distributed_optimizer,
+        ), self.chunks)
+        decay = optim.lr_decay_steps or 1
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr,
+            min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_steps,
+            lr_decay_steps=max(decay, optim.lr_warmup_steps + 1),
+            lr_decay_style=optim.lr_decay_style if optim.lr_decay_steps else "constant",
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1,
+            wd_incr_style="constant")
+        self.policy_version = 0
+
+    @property
+    def policy_loss(self):
+        return get_policy_loss(self.loss.loss)
+
+    # -- forward pieces -------------------------------------------------------------------------
+
+    def _model_inputs(self, batch: PackedBatch) -> dict:
+        if self.thd:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu = batch.cu_seqlens_padded
+            longest = int(torch.diff(cu).max())
+            return dict(
+                input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                attention_mask=None,
+                packed_seq_params=PackedSeqParams(
+                    qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                    cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest))
+        rows = batch.num_seqs
+        return dict(input_ids=batch.input_ids.view(rows, -1),
+                    position_ids=batch.position_ids.view(rows, -1), attention_mask=None)
+
+    def _logprobs(self, output: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        logits = output.reshape(-1, output.shape[-1])  # [b, s, V/tp] -> packed positions
+        logp, _ = vocab_parallel_logprobs(logits, batch.target_ids, tp_group=self.groups.tp,
+                                          chunk_tokens=self.loss.logprob_chunk_tokens)
+        return logp
+
+    def _run_schedule(self, batches: Sequence[PackedBatch], loss_func, forward_only: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            inputs = self._model_inputs(batch)
+            output = model(inputs.pop("input_ids"), inputs.pop("position_ids"),
+                           inputs.pop("attention_mask"), **inputs)
+            return output, partial(loss_func, batch)
+
+        chunks = len(self.chunks)
+        iterator = [iter(batches) for _ in range(chunks)] if chunks > 1 else iter(batches)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterator,
+            model=self.chunks if chunks > 1 else self.chunks[0],
+            num_microbatches=len(batches), seq_length=max(b.num_positions for b in batches),
+            micro_batch_size=1, forward_only=forward_only)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def recompute_old_logprobs(self, batches: Sequence[PackedBatch]) -> list[PackedBatch]:
+        """The batches with old_logp replaced by this policy's log-probs (last pipeline stage; other
+        stages get the batches back unchanged, they never compute the loss)."""
+        for chunk in self.chunks:
+            chunk.eval()
+
+        def collect(batch, output):
+            return output.new_zeros(()), {"logp": self._logprobs(output, batch).float()}
+
+        outputs = self._run_schedule(batches, collect, forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        if not outputs:
+            return list(batches)
+        return [replace(b, old_logp=torch.where(b.loss_mask, o["logp"], 0.0))
+                for b, o in zip(batches, outputs)]
+
+    def train_step(self, batches: Sequence[PackedBatch], denom: Denominators) -> dict[str, float]:
+        """One optimizer step on this rank's micro-batches; returns the step metrics on every rank."""
+        start = time.perf_counter()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sums: list[MetricSums] = []
+        m, dp = len(batches), self.groups.dp_size
+
+        def loss_func(batch, output):
+            out = shard_policy_loss(
+                self._logprobs(output, batch), batch, denom, self.policy_loss, self.loss.params,
+                cp_group=self.groups.cp, correct_mismatch=self.loss.correct_mismatch,
+                mismatch_threshold=self.loss.mismatch_threshold)
+            sums.append(out.metrics)
+            return schedule_loss_output(
+                out.loss, {}, num_microbatches=m, dp_size=dp,
+                calculate_per_token_loss=self.config.calculate_per_token_loss, denom=denom,
+                local_tokens=batch.loss_mask.sum())
+
+        self._run_schedule(batches, loss_func, forward_only=False)
+        success, grad_norm, _ = self.optimizer.step()
+        if grad_norm is None:
+            grad_norm = self.optimizer.get_grad_norm()
+        if success:
+            self.scheduler.step(increment=1)
+            self.policy_version += 1
+        metrics = self._gather_metrics(sums)
+        elapsed = time.perf_counter() - start
+        positions = sum(b.num_positions for b in batches)
+        metrics.update({
+            "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
+            "update_skipped": float(not success), "policy_version": float(self.policy_version),
+            "perf/step_time_s": elapsed, "perf/tokens_per_s_per_rank": positions / elapsed,
+            **self._moe_aux_metrics(m),
+        })
+        return metrics
+
+    def _gather_metrics(self, sums: list[MetricSums]) -> dict[str, float]:
+        """Reduce on the last pipeline stage, then share with the other stages of this pipeline."""
+        from megatron.core import parallel_state as ps
+
+        payload = [None]
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            total = sums[0]
+            for s in sums[1:]:
+                total = total.merge(s)
+            payload = [reduce_step_metrics(total, self.groups).finalize()]
+        if self.layout.pp > 1:
+            dist.broadcast_object_list(payload, src=ps.get_pipeline_model_parallel_last_rank(),
+                                       group=self.groups.pp)
+        return dict(payload[0])
+
+    def _moe_aux_metrics(self, num_microbatches: int) -> dict[str, float]:
+        """Router aux losses per step (mean over layers, micro-batches and DP), reduced with SUM so
+        that gloo works (megatron's own tracker reduction uses AVG, which gloo lacks)."""
+        if not self.model_cfg.is_moe:
+            return {}
+        from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
+                                                             get_moe_layer_wise_logging_tracker)
+
+        out = {}
+        for name, entry in get_moe_layer_wise_logging_tracker().items():
+            values = entry["values"].clone()
+            for group in (self.groups.pp, self.groups.dp):
+                if dist.get_world_size(group) > 1:
+                    dist.all_reduce(values, group=group)
+            scale = num_microbatches * self.groups.dp_size * self.model_cfg.num_hidden_layers
+            out[f"moe/{name}"] = values.sum().item() / scale
+        clear_aux_losses_tracker()
+        return out

@@ -1,0 +1,121 @@
+"""Offline training from recorded rollouts: `megatron-vespo train CONFIG --rollouts FILE`.
+
+The file's samples are cut into rollout batches of `train.rollout_batch_size` (one behaviour policy
+each). Each rollout batch gets group-relative advantages, is split into N = `train.staleness`
+mini-batches, has its old log-probs recomputed once (before any of its updates), and is consumed as N
+optimizer steps. Checkpoints are taken between rollout batches, where no old log-probs are in flight,
+so a resumed run takes exactly the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .learner.batching import rank_micro_batches, sample_advantages
+from .learner.checkpoint import load_checkpoint, save_checkpoint
+from .learner.learner import Learner, LossSettings
+from .learner.samples import Sample, read_samples
+from .parallel.packing import required_pad_multiple
+from .parallel.step_reduce import global_denominators
+from .tracking.jsonl import JsonlMetrics
+
+
+def rollout_batches(samples: list[Sample], size: int) -> tuple[list[list[Sample]], int]:
+    """Consecutive full batches of `size` samples, and how many trailing samples were left over."""
+    if len(samples) < size:
+        raise ValueError(f"the rollout file has {len(samples)} samples, fewer than one rollout batch "
+                         f"(train.rollout_batch_size={size})")
+    full = len(samples) // size
+    return [samples[k * size:(k + 1) * size] for k in range(full)], len(samples) - full * size
+
+
+def build_learner(config: Config) -> Learner:
+    """Process groups, seeded model chunks, optimizer; initial weights from the HF checkpoint if set."""
+    from megatron.core import tensor_parallel
+
+    layout = config.parallel
+    groups = layout.initialize()
+    torch.manual_seed(config.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
+    algo = config.algorithm
+    learner = Learner(config.model, layout, groups, config.optim, LossSettings(
+        loss=algo.loss, params=algo.loss_params, correct_mismatch=algo.correct_mismatch,
+        mismatch_threshold=algo.mismatch_threshold,
+        logprob_chunk_tokens=config.train.logprob_chunk_tokens))
+    if config.train.init_hf_checkpoint:
+        from .learner.hf_convert import load_hf_into_model
+
+        load_hf_into_model(config.train.init_hf_checkpoint, [c.module for c in learner.chunks],
+                           config.model, layout)
+        learner.optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
+    return learner
+
+
+def _progress(step: int, m: dict, reward: float, stale: int) -> str:
+    return (f"step {step:>5} | loss {m['loss']:+.4f} | reward {reward:.3f} | phi {m.get('phi/mean', float('nan')):.3f}"
+            f" | stale {stale} | grad {m['grad_norm']:.3g} | {m['perf/tokens_per_s_per_rank']:.0f} tok/s/rank")
+
+
+def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str, resume: bool) -> dict:
+    """One rank of offline training; returns the last step's metrics."""
+    cfg = config.train
+    learner = build_learner(config)
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    cursor = {"epoch": 0, "rollout_batch": 0}
+    if resume:
+        cursor = load_checkpoint(learner, ckpt_root) or cursor
+    samples = read_samples(rollouts, vocab_size=config.model.vocab_size)
+    batches, leftover = rollout_batches(samples, cfg.rollout_batch_size)
+    sink = JsonlMetrics(out_dir / "metrics.jsonl") if rank == 0 else None
+    if rank == 0 and leftover:
+        print(f"[megatron-vespo] {leftover} trailing samples do not fill a rollout batch and are "
+              f"not trained on", file=sys.stderr)
+    groups, layout = learner.groups, config.parallel
+    pad = required_pad_multiple(layout.cp, layout.tp, layout.sequence_parallel)
+    mini = cfg.mini_batch_size
+    last: dict = {}
+    since_save = 0
+
+    def done() -> bool:
+        return bool(cfg.max_steps) and learner.policy_version >= cfg.max_steps
+
+    for epoch in range(cursor["epoch"], cfg.epochs):
+        first = cursor["rollout_batch"] if epoch == cursor["epoch"] else 0
+        for b in range(first, len(batches)):
+            if done():
+                break
+            batch = batches[b]
+            advantages = sample_advantages(batch, config.algorithm.advantage)
+            minis = [rank_micro_batches(
+                batch[k * mini:(k + 1) * mini], advantages[k * mini:(k + 1) * mini],
+                dp_rank=groups.dp_rank, dp_size=groups.dp_size,
+                micro_batch_size=cfg.micro_batch_size, pad_multiple=pad,
+                uniform_length=not learner.thd, cp_size=layout.cp, cp_rank=groups.cp_rank)
+                for k in range(cfg.staleness)]
+            if cfg.old_logprobs == "recompute":
+                minis = [learner.recompute_old_logprobs(m) for m in minis]
+            reward = sum(s.reward for s in batch) / len(batch)
+            # The whole rollout batch is consumed even past max_steps, so that a checkpoint never
+            # falls inside one (its old log-probs would be lost).
+            for k, micro_batches in enumerate(minis):
+                last = learner.train_step(micro_batches, global_denominators(micro_batches, groups.dp))
+                last.update({"reward/mean": reward, "staleness/versions_behind": float(k),
+                             "data/epoch": float(epoch), "data/rollout_batch": float(b)})
+                if sink:
+                    sink.log(learner.policy_version, last)
+                    print(_progress(learner.policy_version, last, reward, k), flush=True)
+                since_save += 1
+            cursor = {"epoch": epoch, "rollout_batch": b + 1}
+            if cfg.save_interval and since_save >= cfg.save_interval:
+                save_checkpoint(learner, ckpt_root, cursor)
+                since_save = 0
+    if since_save:
+        save_checkpoint(learner, ckpt_root, cursor)
+    if sink:
+        sink.close()
+    return last

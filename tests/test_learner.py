@@ -1,0 +1,151 @@
+"""The Megatron learner: the whole VESPO train step is invariant to the parallel layout, and
+training moves log-likelihoods in the direction of the advantages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_vespo.learner.model import ModelConfig
+from megatron_vespo.learner.samples import Sample
+from tests.distributed import run_ranks
+
+MOE = ModelConfig(family="qwen3_moe", num_experts=4, num_experts_per_tok=2, spec="local")
+DENSE = ModelConfig(family="qwen3", spec="local")
+
+
+def make_samples(n=16, vocab=256, seed=0) -> list[Sample]:
+    """n responses to n/4 prompts; rewards 1 for half of each group; engine log-probs around -4."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(0, vocab, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g)
+        response = torch.randint(0, vocab, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g)
+        engine = -5.5 + torch.rand(len(response), generator=g)
+        out.append(Sample(f"s{i}", i // 4, prompt.tolist(), response.tolist(), float(i % 2),
+                          engine.tolist()))
+    return out
+
+
+def full_state(cfg: ModelConfig, seed=0) -> dict:
+    """Random canonical megatron weights (norms near 1), the same for every layout."""
+    from megatron_vespo.learner.hf_convert import megatron_tensor_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    return {name: (1 + 0.1 * torch.randn(shape, generator=g)) if "norm" in name
+            else 0.08 * torch.randn(shape, generator=g)
+            for name, shape in megatron_tensor_shapes(cfg).items()}
+
+
+def make_learner(cfg, layout, state, lr=1e-3):
+    from megatron.core import tensor_parallel
+
+    from megatron_vespo.learner.hf_convert import load_full_state
+    from megatron_vespo.learner.learner import Learner, LossSettings, OptimConfig
+
+    groups = layout.initialize()
+    torch.manual_seed(1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    learner = Learner(cfg, layout, groups, OptimConfig(lr=lr), LossSettings(loss="vespo"))
+    load_full_state(learner.chunks, state, cfg, layout)
+    learner.optimizer.reload_model_params()
+    return learner
+
+
+def micro_batches(learner, samples, per_rank_micro_batches):
+    from megatron_vespo.algo.advantages import AdvantageConfig
+    from megatron_vespo.learner.batching import rank_micro_batches, sample_advantages
+    from megatron_vespo.parallel.packing import required_pad_multiple
+
+    layout, groups = learner.layout, learner.groups
+    per_rank = len(samples) // groups.dp_size
+    return rank_micro_batches(
+        samples, sample_advantages(samples, AdvantageConfig()), dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size, micro_batch_size=per_rank // per_rank_micro_batches,
+        pad_multiple=required_pad_multiple(layout.cp, layout.tp, layout.sequence_parallel),
+        uniform_length=True)
+
+
+KEYS = ("loss", "grad_norm", "phi/mean", "is/log_w_mean", "is/log_w_max", "tokens")
+
+
+def train_two_steps(rank, world_size, cases, samples, states):
+    """For each (model, layout kwargs, micro-batches per rank): two VESPO steps on the same batch
+    (behaviour = the engine's log-probs), returning the compared metrics of both."""
+    from megatron_vespo.parallel.layout import ParallelLayout
+    from megatron_vespo.parallel.step_reduce import global_denominators
+
+    out = {}
+    for model_name, layout_kw, per_rank_mb in cases:
+        cfg = MOE if model_name == "moe" else DENSE
+        learner = make_learner(cfg, ParallelLayout(**layout_kw), states[model_name])
+        batches = micro_batches(learner, samples, per_rank_mb)
+        denom = global_denominators(batches, learner.groups.dp)
+        steps = [learner.train_step(batches, denom) for _ in range(2)]
+        out[(model_name, tuple(sorted(layout_kw.items())), per_rank_mb)] = [
+            {k: s[k] for k in KEYS} for s in steps]
+    return out
+
+
+LAYOUTS = {
+    1: [("moe", {}, 1), ("moe", {}, 4), ("dense", {}, 1), ("dense", {}, 4)],
+    2: [("moe", {"tp": 2, "sequence_parallel": True}, 1), ("moe", {"ep": 2}, 2), ("moe", {"pp": 2}, 4),
+        ("moe", {}, 2), ("dense", {"tp": 2, "sequence_parallel": True}, 2), ("dense", {"pp": 2}, 1),
+        ("dense", {}, 1)],
+    4: [("moe", {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, 1), ("dense", {"tp": 2, "pp": 2}, 2)],
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    samples = make_samples()
+    states = {"moe": full_state(MOE), "dense": full_state(DENSE)}
+    ref = run_ranks(train_two_steps, 1, [("moe", {}, 1), ("dense", {}, 1)], samples, states)[0]
+    return samples, states, {model: ref[(model, (), 1)] for model in ("moe", "dense")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_train_step_is_invariant_to_the_parallel_layout(world_size, reference):
+    samples, states, ref = reference
+    per_rank = run_ranks(train_two_steps, world_size, LAYOUTS[world_size], samples, states)
+    for rank, results in enumerate(per_rank):
+        for (model, layout, mb), steps in results.items():
+            for step, (got, want) in enumerate(zip(steps, ref[model]), 1):
+                for key in KEYS:
+                    assert math.isclose(got[key], want[key], rel_tol=2e-5, abs_tol=1e-6), (
+                        f"rank {rank} {model} {dict(layout)} micro-batches/rank={mb} step {step} "
+                        f"{key}: {got[key]} != {want[key]}")
+    assert ref["moe"][0]["loss"] != ref["moe"][1]["loss"]  # the first step changed the policy
+
+
+def likelihood_shift(rank, world_size, samples, state, steps):
+    """Per-sequence log-likelihood before and after `steps` VESPO updates on one recorded batch."""
+    from megatron_vespo.parallel.layout import ParallelLayout
+    from megatron_vespo.parallel.step_reduce import global_denominators
+
+    learner = make_learner(MOE, ParallelLayout(), state, lr=3e-3)
+    batches = micro_batches(learner, samples, 2)
+
+    def loglik():
+        fresh = learner.recompute_old_logprobs(batches)
+        return torch.cat([torch.zeros(b.num_seqs).index_add_(0, b.seq_index, b.old_logp) for b in fresh])
+
+    before = loglik()
+    batches = learner.recompute_old_logprobs(batches)
+    denom = global_denominators(batches, learner.groups.dp)
+    for _ in range(steps):
+        learner.train_step(batches, denom)
+    advantages = torch.cat([b.advantages for b in batches])
+    return before, loglik(), advantages
+
+
+@pytest.mark.slow
+def test_offline_vespo_moves_loglik_with_the_advantage():
+    samples = make_samples()
+    before, after, adv = run_ranks(likelihood_shift, 1, samples, full_state(MOE), 4)[0]
+    delta = after - before
+    assert delta[adv > 0].min() > 0, delta
+    assert delta[adv < 0].max() < 0, delta

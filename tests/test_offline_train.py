@@ -1,0 +1,63 @@
+"""`megatron-vespo train CONFIG --rollouts FILE`, end to end through the CLI, on spawned ranks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_vespo.learner.samples import write_samples
+from megatron_vespo.tracking.jsonl import read_metrics
+from tests.test_learner import make_samples
+
+CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny_moe_cpu.yaml")
+
+
+def train(tmp_path, rollouts, *overrides, resume=False):
+    cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", CONFIG, f"train.output_dir={tmp_path / 'run'}",
+           "train.rollout_batch_size=8", "train.staleness=2", "train.micro_batch_size=2", *overrides,
+           "--rollouts", str(rollouts)] + (["--resume"] if resume else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_writes_metrics_and_checkpoints_then_resumes(tmp_path):
+    rollouts = tmp_path / "rollouts.jsonl"
+    write_samples(rollouts, make_samples(n=20))  # 2 rollout batches of 8, 4 samples left over
+    first = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=1")
+    assert first.returncode == 0, first.stderr
+    assert "4 trailing samples do not fill a rollout batch" in first.stderr
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # 2 rollout batches x staleness 2
+    assert [r["staleness/versions_behind"] for r in rows] == [0, 1, 0, 1]
+    for key in ("loss", "grad_norm", "lr", "phi/mean", "phi/ess", "is/log_w_mean", "reward/mean",
+                "perf/tokens_per_s_per_rank"):
+        assert all(key in r for r in rows), key
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest.endswith("4")
+    second = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=2", resume=True)
+    assert second.returncode == 0, second.stderr
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["data/epoch"] for r in rows[4:]] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"reward": None}, "field 'reward' must be a finite number"),
+    ({"response_ids": [1, 999]}, "field 'response_ids' has token id 999 outside the vocabulary [0, 256)"),
+])
+def test_bad_rollout_file_is_one_clear_error_and_writes_nothing(tmp_path, bad, message):
+    rollouts = tmp_path / "rollouts.jsonl"
+    write_samples(rollouts, make_samples(n=8))
+    lines = rollouts.read_text().splitlines()
+    row = {**json.loads(lines[3]), **bad}
+    if "response_ids" in bad:
+        row["engine_logprobs"] = [-1.0, -1.0]
+    lines[3] = json.dumps(row)
+    rollouts.write_text("\n".join(lines) + "\n")
+    result = train(tmp_path, rollouts)
+    assert result.returncode == 2
+    assert f"rollouts.jsonl:4: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
