@@ -39,7 +39,7 @@ def full_state(cfg: ModelConfig, seed=0) -> dict:
             for name, shape in megatron_tensor_shapes(cfg).items()}
 
 
-def make_learner(cfg, layout, state, lr=1e-3):
+def make_learner(cfg, layout, state, lr=1e-3, distributed_optimizer=False):
     from megatron.core import tensor_parallel
 
     from megatron_vespo.learner.hf_convert import load_full_state
@@ -48,7 +48,9 @@ def make_learner(cfg, layout, state, lr=1e-3):
     groups = layout.initialize()
     torch.manual_seed(1)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
-    learner = Learner(cfg, layout, groups, OptimConfig(lr=lr), LossSettings(loss="vespo"))
+    learner = Learner(cfg, layout, groups,
+                      OptimConfig(lr=lr, use_distributed_optimizer=distributed_optimizer),
+                      LossSettings(loss="vespo"))
     load_full_state(learner.chunks, state, cfg, layout)
     learner.optimizer.reload_model_params()
     return learner
@@ -80,7 +82,10 @@ def train_two_steps(rank, world_size, cases, samples, states):
     out = {}
     for model_name, layout_kw, per_rank_mb in cases:
         cfg = MOE if model_name == "moe" else DENSE
-        learner = make_learner(cfg, ParallelLayout(**layout_kw), states[model_name])
+        kw = dict(layout_kw)
+        distributed_optimizer = kw.pop("distributed_optimizer", False)
+        learner = make_learner(cfg, ParallelLayout(**kw), states[model_name],
+                               distributed_optimizer=distributed_optimizer)
         batches = micro_batches(learner, samples, per_rank_mb)
         denom = global_denominators(batches, learner.groups.dp)
         steps = [learner.train_step(batches, denom) for _ in range(2)]
@@ -92,7 +97,8 @@ def train_two_steps(rank, world_size, cases, samples, states):
 LAYOUTS = {
     1: [("moe", {}, 1), ("moe", {}, 4), ("dense", {}, 1), ("dense", {}, 4)],
     2: [("moe", {"tp": 2, "sequence_parallel": True}, 1), ("moe", {"ep": 2}, 2), ("moe", {"pp": 2}, 4),
-        ("moe", {}, 2), ("dense", {"tp": 2, "sequence_parallel": True}, 2), ("dense", {"pp": 2}, 1),
+        ("moe", {}, 2), ("moe", {"distributed_optimizer": True}, 1),
+        ("dense", {"tp": 2, "sequence_parallel": True}, 2), ("dense", {"pp": 2}, 1),
         ("dense", {}, 1)],
     4: [("moe", {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, 1), ("dense", {"tp": 2, "pp": 2}, 2)],
 }

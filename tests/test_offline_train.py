@@ -25,18 +25,20 @@ def train(tmp_path, rollouts, *overrides, resume=False):
 def test_train_writes_metrics_and_checkpoints_then_resumes(tmp_path):
     rollouts = tmp_path / "rollouts.jsonl"
     write_samples(rollouts, make_samples(n=20))  # 2 rollout batches of 8, 4 samples left over
-    first = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=1")
+    first = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=1",
+                  "model.router_aux_loss_coef=0.01")
     assert first.returncode == 0, first.stderr
     assert "4 trailing samples do not fill a rollout batch" in first.stderr
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # 2 rollout batches x staleness 2
     assert [r["staleness/versions_behind"] for r in rows] == [0, 1, 0, 1]
     for key in ("loss", "grad_norm", "lr", "phi/mean", "phi/ess", "is/log_w_mean", "reward/mean",
-                "perf/tokens_per_s_per_rank"):
+                "perf/tokens_per_s_per_rank", "moe/load_balancing_loss"):
         assert all(key in r for r in rows), key
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest.endswith("4")
-    second = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=2", resume=True)
+    second = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=2",
+                   "model.router_aux_loss_coef=0.01", resume=True)
     assert second.returncode == 0, second.stderr
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
