@@ -155,3 +155,34 @@ def test_offline_vespo_moves_loglik_with_the_advantage():
     delta = after - before
     assert delta[adv > 0].min() > 0, delta
     assert delta[adv < 0].max() < 0, delta
+
+
+def te_matches_local(rank, world_size, samples, state):
+    """The same VESPO step through the TransformerEngine spec (packed THD) and the local spec (BSHD)."""
+    import dataclasses
+
+    from megatron_vespo.parallel.layout import ParallelLayout
+    from megatron_vespo.parallel.step_reduce import global_denominators
+
+    out = {}
+    for spec in ("local", "te"):
+        cfg = dataclasses.replace(MOE, spec=spec)
+        learner = make_learner(cfg, ParallelLayout(), state)
+        batches = micro_batches(learner, samples, 2)
+        if learner.thd:  # repack without uniform padding: THD packs sequences end to end
+            from megatron_vespo.algo.advantages import AdvantageConfig
+            from megatron_vespo.learner.batching import rank_micro_batches, sample_advantages
+
+            batches = rank_micro_batches(samples, sample_advantages(samples, AdvantageConfig()),
+                                         dp_rank=0, dp_size=1, micro_batch_size=len(samples) // 2,
+                                         pad_multiple=1, uniform_length=False)
+        out[spec] = learner.train_step(batches, global_denominators(batches, learner.groups.dp))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_transformer_engine_thd_step_matches_the_local_spec():
+    out = run_ranks(te_matches_local, 1, make_samples(), full_state(MOE))[0]
+    for key in ("loss", "grad_norm", "phi/mean"):
+        assert math.isclose(out["te"][key], out["local"][key], rel_tol=1e-3), key

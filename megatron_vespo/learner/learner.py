@@ -134,8 +134,11 @@ class Learner:
     def _run_schedule(self, batches: Sequence[PackedBatch], loss_func, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
+            batch = next(data_iterator).to(device)
             inputs = self._model_inputs(batch)
             output = model(inputs.pop("input_ids"), inputs.pop("position_ids"),
                            inputs.pop("attention_mask"), **inputs)
@@ -166,7 +169,7 @@ class Learner:
             chunk.train()
         if not outputs:
             return list(batches)
-        return [replace(b, old_logp=torch.where(b.loss_mask, o["logp"], 0.0))
+        return [replace(b, old_logp=torch.where(b.loss_mask, o["logp"].to(b.old_logp.device), 0.0))
                 for b, o in zip(batches, outputs)]
 
     def train_step(self, batches: Sequence[PackedBatch], denom: Denominators) -> dict[str, float]:

@@ -65,6 +65,13 @@ class PackedBatch:
         """[S] int64 positions of each sequence held here (contiguous, in sequence order)."""
         return torch.diff(self.cu_seqlens_padded).long() // self.cp_size
 
+    def to(self, device) -> "PackedBatch":
+        """Every tensor on `device` (a no-op for tensors already there)."""
+        return replace(self, **{
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
+        })
+
     def map_positions(self, fn) -> "PackedBatch":
         """Apply `fn` to every per-position tensor (engine_logp may be None)."""
         return replace(self, **{

@@ -1,0 +1,69 @@
+"""Expert-load heat-map as a PNG in the run directory (matplotlib, imported lazily: optional)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def write_load_heatmap(load: Tensor, path: str | os.PathLike, title: Optional[str] = None) -> Path:
+    """Write `load` ([L, E] token shares, e.g. `algo.routing.load_matrix`) as a heat-map PNG.
+
+    Rows are MoE layers, columns experts; NaN (a layer with no assignments) is drawn grey. The file
+    is written to a temporary file in the same directory and renamed over `path`, so a reader never
+    sees a partial image. Returns the path written.
+    """
+    if load.dim() != 2:
+        raise ValueError(f"load must be [L, E], got shape {tuple(load.shape)}")
+    # Figure + Agg canvas directly: no pyplot global state, safe off the main thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    import matplotlib
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = load.detach().to(torch.float64).cpu().numpy()
+    num_layers, num_experts = data.shape
+
+    fig = Figure(figsize=(max(4.0, 0.25 * num_experts + 2.0), max(3.0, 0.3 * num_layers + 1.5)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    finite = np.isfinite(data)
+    vmax = float(data[finite].max()) if finite.any() else 1.0
+    image = ax.imshow(
+        np.ma.masked_invalid(data),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=cmap,
+        vmin=0.0,
+        vmax=vmax if vmax > 0 else 1.0,
+        origin="upper",
+    )
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(title or f"Expert load ({num_layers} layers x {num_experts} experts)")
+    fig.colorbar(image, ax=ax, label="token share")
+    fig.tight_layout()
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
