@@ -14,6 +14,8 @@ from tests.distributed import run_ranks
 
 MOE = ModelConfig(family="qwen3_moe", num_experts=4, num_experts_per_tok=2, spec="local")
 DENSE = ModelConfig(family="qwen3", spec="local")
+DEEP = ModelConfig(family="qwen3", num_hidden_layers=4, spec="local")  # for PP2 x VPP2
+MODELS = {"moe": MOE, "dense": DENSE, "deep": DEEP}
 
 
 def make_samples(n=16, vocab=256, seed=0) -> list[Sample]:
@@ -81,7 +83,7 @@ def train_two_steps(rank, world_size, cases, samples, states):
 
     out = {}
     for model_name, layout_kw, per_rank_mb in cases:
-        cfg = MOE if model_name == "moe" else DENSE
+        cfg = MODELS[model_name]
         kw = dict(layout_kw)
         distributed_optimizer = kw.pop("distributed_optimizer", False)
         learner = make_learner(cfg, ParallelLayout(**kw), states[model_name],
@@ -100,16 +102,17 @@ LAYOUTS = {
         ("moe", {}, 2), ("moe", {"distributed_optimizer": True}, 1),
         ("dense", {"tp": 2, "sequence_parallel": True}, 2), ("dense", {"pp": 2}, 1),
         ("dense", {}, 1)],
-    4: [("moe", {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, 1), ("dense", {"tp": 2, "pp": 2}, 2)],
+    4: [("moe", {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, 1), ("dense", {"tp": 2, "pp": 2}, 2),
+        ("deep", {"pp": 2}, 4)],
 }
 
 
 @pytest.fixture(scope="module")
 def reference():
     samples = make_samples()
-    states = {"moe": full_state(MOE), "dense": full_state(DENSE)}
-    ref = run_ranks(train_two_steps, 1, [("moe", {}, 1), ("dense", {}, 1)], samples, states)[0]
-    return samples, states, {model: ref[(model, (), 1)] for model in ("moe", "dense")}
+    states = {name: full_state(cfg) for name, cfg in MODELS.items()}
+    ref = run_ranks(train_two_steps, 1, [(name, {}, 1) for name in MODELS], samples, states)[0]
+    return samples, states, {name: ref[(name, (), 1)] for name in MODELS}
 
 
 @pytest.mark.slow

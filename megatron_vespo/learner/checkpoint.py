@@ -18,7 +18,8 @@ checkpoint, and `load_checkpoint` only ever follows `latest`.
 Tensor state reshards on load (another TP / PP / EP / DP split of the same model) as far as
 megatron's `dist_checkpointing` reshards: model weights always, the optimizer state in the
 per-parameter layout both optimizers write here (plain optimizer: model space; distributed
-optimizer: `fully_reshardable`). The per-rank RNG streams only come back at the same world size.
+optimizer: `fully_reshardable`). The per-rank RNG streams come back only under the same layout on
+the same number of ranks.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import logging
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -118,7 +120,7 @@ def _model_keys(learner) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
 
-def _format_metadata(learner) -> dict:
+def _format_metadata() -> dict:
     """How the sharded state dicts are laid out (saved as the checkpoint's content metadata, and
     read back so that the load builds the same layout)."""
     return {
@@ -127,15 +129,178 @@ def _format_metadata(learner) -> dict:
         # dense + expert optimizer chain, so the state does not depend on how params are grouped.
         "chained_optim_avoid_prefix": True,
         "distrib_optim_sharding_type": _DISTRIB_OPTIM_FORMAT,
+        # The default gathers the distributed optimizer's shards with NCCL through `.cuda()`
+        # tensors; without a GPU, gather them over the optimizer's gloo DP group instead (only DP
+        # rank 0 then writes them; megatron reads both variants alike).
+        "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available(),
     }
 
 
+# The entries of the saved content metadata that decide the saved layout (the load mirrors them);
+# the others choose how this machine exchanges data and come from `_format_metadata`.
+_LAYOUT_METADATA = ("singleton_local_shards", "chained_optim_avoid_prefix",
+                    "distrib_optim_sharding_type")
+
+
+def _prime_distributed_optimizer_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer an Adam state (zeros, step 0) to load into.
+
+    Without TransformerEngine or Apex, megatron's `DistributedOptimizer.state_dict()` reads the
+    step from torch Adam's per-parameter state, which an optimizer that has not stepped yet lacks
+    (it asserts); the loading `sharded_state_dict` calls it before it would initialise the state.
+    """
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", True):
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, dopt.DistributedOptimizer) or sub.init_state_fn is None:
+            continue
+        inner = sub.optimizer
+        if all(len(inner.state[p]) > 0 for g in inner.param_groups for p in g["params"]):
+            continue
+        sub.init_state_fn(inner, sub.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+
+
+@contextmanager
+def _torch_adam_step_tolerance(optimizer):
+    """Let megatron's distributed optimizer load its parameter state into torch's Adam.
+
+    Without TransformerEngine or Apex (megatron-core 0.16.1), `DistributedOptimizer.load_state_dict`
+    1. gives torch Adam's per-parameter state one `step` tensor, the same object for every
+       parameter: each later Adam step then increments it once per parameter, and the bias
+       correction of every step after a resume is wrong;
+    2. copies the checkpoint's per-parameter tensors into every entry of that state, `step`
+       included, which the checkpoint does not hold per parameter: KeyError 'step'.
+    For the duration of the load, the per-parameter copy is given the `step` already restored;
+    afterwards each parameter gets its own copy of it. (With TE/Apex nothing changes.)
+    """
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    subs = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(o, dopt.DistributedOptimizer)]
+    if getattr(dopt, "HAVE_APEX_OR_TE", True) or not subs:
+        yield
+        return
+
+    def tolerant(sub, original):
+        def set_states(model_param, tensors):
+            group, order = sub.model_param_group_index_map[model_param]
+            state = sub.optimizer.state[sub.optimizer.param_groups[group]["params"][order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            return original(model_param, tensors)
+        return set_states
+
+    for sub in subs:  # instance attributes: the class and other optimizers stay as they are
+        sub._set_main_param_and_optimizer_states = tolerant(
+            sub, sub._set_main_param_and_optimizer_states)
+    try:
+        yield
+    finally:
+        for sub in subs:
+            del sub._set_main_param_and_optimizer_states
+    for sub in subs:
+        for state in sub.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
 def _sharded_model_and_optimizer(learner, metadata: dict, is_loading: bool) -> dict:
+    if is_loading:
+        _prime_distributed_optimizer_state(learner.optimizer)
     state = {key: _unwrap(chunk).sharded_state_dict(metadata=dict(metadata))
              for key, chunk in zip(_model_keys(learner), learner.chunks)}
     if not getattr(learner.optimizer, "is_stub_optimizer", False):
         state["optimizer"] = learner.optimizer.sharded_state_dict(
             state, is_loading=is_loading, metadata=dict(metadata))
+    return state
+
+
+def _optimizer_structure(optimizer) -> list:
+    """(class, param groups) of each optimizer megatron chains (dense, experts, ...): this
+    structure depends on the layout (MoE experts get their own optimizer only with EP > 1)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [[type(o).__name__, len(o.param_groups)] for o in subs]
+
+
+def _tensors_into_template(template, loaded):
+    """`template` with each sharded leaf replaced by the loaded value at the same place."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    if isinstance(template, ShardedBase):
+        return loaded
+    if isinstance(template, LocalNonpersistentObject):
+        return template.unwrap()
+    if isinstance(template, dict):
+        return {k: _tensors_into_template(v, loaded[k]) if _has_sharded(v) else v
+                for k, v in template.items()}
+    if isinstance(template, (list, tuple)):
+        return type(template)(_tensors_into_template(v, loaded[i]) if _has_sharded(v) else v
+                              for i, v in enumerate(template))
+    return template
+
+
+def _has_sharded(x) -> bool:
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    if isinstance(x, (ShardedBase, LocalNonpersistentObject)):
+        return True
+    if isinstance(x, dict):
+        return any(_has_sharded(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_has_sharded(v) for v in x)
+    return False
+
+
+def _find_key(tree, key):
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        for v in tree:
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _restructured_optimizer_state(template, loaded):
+    """Optimizer state for this run's optimizer chain from a checkpoint saved by another chain.
+
+    The per-parameter tensors are keyed by parameter (`chained_optim_avoid_prefix`), so the load
+    fetched them for this chain; the checkpoint's non-tensor part (param groups, the Adam step)
+    is shaped for the saving chain. Keep this optimizer's param groups (they carry the configured
+    hyperparameters; the scheduler resets the lr) and put the saved step into each torch optimizer
+    state.
+    """
+    state = _tensors_into_template(template, loaded)
+    step = _find_key(loaded, "common_step")  # plain and mixed-precision optimizers
+    if step is None:  # distributed optimizer: the step is in its param groups
+        groups = _find_key(loaded, "param_groups") or []
+        step = next((g["step"] for g in groups if "step" in g), None)
+    if step is None:
+        return state
+
+    def put_step(tree):
+        if isinstance(tree, dict):
+            groups = tree.get("param_groups")
+            if isinstance(groups, list) and any("step" in g for g in groups):
+                for group in groups:  # distributed optimizer: torch Adam's step per group
+                    group["step"] = step
+            elif isinstance(groups, list) and isinstance(tree.get("state"), dict):
+                tree["state"]["common_step"] = step  # what megatron's other optimizers read
+            for v in tree.values():
+                put_step(v)
+        elif isinstance(tree, (list, tuple)):
+            for v in tree:
+                put_step(v)
+
+    put_step(state)
     return state
 
 
@@ -180,15 +345,43 @@ def _config_record(learner) -> dict:
     }
 
 
-def _save_strategy(learner):
-    """torch_dist (torch.distributed.checkpoint files, works over gloo on CPU), with each tensor
-    shard written once across its data-parallel replicas by the fully-parallel wrapper."""
+def _threaded_torch_dist_strategy():
+    """megatron's `torch_dist` save strategy, written by torch's own `FileSystemWriter` (threads).
+
+    megatron's synchronous `TorchDistSaveShardedStrategy.save` runs its asynchronous writer in
+    place, which forks one writer process per file; forked from a rank whose gloo and torch
+    threads are running, those children can deadlock (seen on CPU: they wait on a futex forever),
+    and each fork of a large process costs seconds. The files and `.metadata` written here are the
+    same `torch_dist` format (same key translation and planner), so megatron's load strategy
+    reads them unchanged.
+    """
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class ThreadedTorchDistSaveStrategy(mcore_torch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            sharded_state_dict, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, False)
+            dcp_save(pyt_state_dict,
+                     storage_writer=FileSystemWriter(checkpoint_dir, thread_count=self.thread_count,
+                                                     sync_files=True),
+                     planner=mcore_torch.MCoreSavePlanner(
+                         dedup_replicated_tensors=not self.keep_only_main_replica,
+                         flatten_state_dict=False))
+
+    return ThreadedTorchDistSaveStrategy("torch_dist", 1, thread_count=1)
+
+
+def _save_strategy():
+    """`torch_dist` (see above), with the writes of data-parallel replicas spread over the DP
+    ranks by megatron's fully-parallel wrapper (each shard is written once)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper)
 
-    strategy = get_default_save_sharded_strategy("torch_dist")
+    strategy = _threaded_torch_dist_strategy()
     dp = ps.get_data_parallel_group(with_context_parallel=True)
     if dist.get_world_size(dp) > 1:
         strategy = FullyParallelSaveStrategyWrapper(strategy, dp)
@@ -215,13 +408,14 @@ def save_checkpoint(learner, root: Union[str, Path], extra_state: dict) -> Path:
         tmp.mkdir()
     _barrier()
 
-    metadata = _format_metadata(learner)
+    metadata = _format_metadata()
     state = _sharded_model_and_optimizer(learner, metadata, is_loading=False)
     state["rng_state"] = _sharded_rng(_rng_state())
     state["opt_param_scheduler"] = learner.scheduler.state_dict()
     state["policy_version"] = int(learner.policy_version)
+    state["optimizer_structure"] = _optimizer_structure(learner.optimizer)
     state["extra_state"] = json.loads(json.dumps(extra_state))  # plain types: torch.load-safe
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(learner),
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
                             content_metadata=metadata)
 
     if _rank() == 0:
@@ -258,8 +452,8 @@ def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
     return root / name
 
 
-def config_mismatches(saved: dict, model_cfg) -> list[str]:
-    """`field=saved` vs `field=current` for every architecture field that differs."""
+def config_mismatches(saved: dict, model_cfg) -> list[tuple[str, object, object]]:
+    """(field, saved value, this model's value) for every architecture field that differs."""
     current = dataclasses.asdict(model_cfg)
     out = []
     for field in sorted(set(saved) | set(current)):
@@ -287,7 +481,15 @@ def load_checkpoint(learner, root: Union[str, Path]) -> Optional[dict]:
     """
     from megatron.core import dist_checkpointing
 
-    found = _from_rank0(latest_checkpoint(root))
+    found, error = None, None
+    if _rank() == 0:  # one reading of `latest` for all ranks, even while another job writes it
+        try:
+            found = latest_checkpoint(root)
+        except ValueError as e:
+            error = str(e)
+    found, error = _from_rank0((found, error))
+    if error is not None:
+        raise ValueError(error)
     if found is None:
         return None
     path = Path(found)
@@ -298,23 +500,34 @@ def load_checkpoint(learner, root: Union[str, Path]) -> Optional[dict]:
     record = json.loads(config_file.read_text())
     _check_config(path, record, learner)
 
-    metadata = dist_checkpointing.load_content_metadata(str(path)) or _format_metadata(learner)
+    saved_metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
+    metadata = {**_format_metadata(),
+                **{k: saved_metadata[k] for k in _LAYOUT_METADATA if k in saved_metadata}}
     state = _sharded_model_and_optimizer(learner, metadata, is_loading=True)
-    same_world = record.get("world_size") == _world()
-    if same_world:
+    # Per-rank streams are only meaningful on the same ranks: under another layout a rank's
+    # tensor-parallel stream would come from a rank with another TP rank (identical dropout masks
+    # on TP peers). Then the freshly seeded streams stay, as megatron-LM's --no-load-rng would.
+    here = {"layout": dataclasses.asdict(learner.layout), "world_size": _world()}
+    same_ranks = all(record.get(k) == v for k, v in here.items())
+    if same_ranks:
         state["rng_state"] = _sharded_rng(_rng_state())
-    else:
-        logger.warning("checkpoint %s was saved by %s ranks, this run has %s: its per-rank RNG "
-                       "states are not restored", path, record.get("world_size"), _world())
+    elif _rank() == 0:
+        logger.warning("checkpoint %s was saved under %s on %s ranks, this run has %s on %s: its "
+                       "per-rank RNG states are not restored", path, record.get("layout"),
+                       record.get("world_size"), here["layout"], here["world_size"])
     loaded = dist_checkpointing.load(state, str(path))
 
     for key, chunk in zip(_model_keys(learner), learner.chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if "optimizer" in state:
-        learner.optimizer.load_state_dict(loaded["optimizer"])
+        optimizer_state = loaded["optimizer"]
+        if loaded.get("optimizer_structure") != _optimizer_structure(learner.optimizer):
+            optimizer_state = _restructured_optimizer_state(state["optimizer"], optimizer_state)
+        with _torch_adam_step_tolerance(learner.optimizer):
+            learner.optimizer.load_state_dict(optimizer_state)
     learner.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     learner.policy_version = int(loaded["policy_version"])
-    if same_world:
+    if same_ranks:
         _set_rng_state(loaded["rng_state"])
     _barrier()
     return loaded["extra_state"]

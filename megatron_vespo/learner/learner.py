@@ -62,6 +62,9 @@ class LossSettings:
     correct_mismatch: bool = False
     mismatch_threshold: float = 1.0
     logprob_chunk_tokens: int = 1024
+    # MoE routing replay (megatron_vespo.moe.replay): "off" | "R2" (replay the old-policy forward's
+    # routes) | "R3" (replay the rollout engine's routes).
+    routing_replay: str = "off"
 
 
 class Learner:
@@ -74,10 +77,23 @@ class Learner:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        if layout.vpp:
+            # The interleaved schedule's training forward disagrees with the non-interleaved
+            # reference (loss and grad norm, tests/test_learner.py); forward-only passes agree.
+            raise ValueError("parallel.vpp is not supported by the learner yet: the interleaved "
+                             "pipeline schedule does not reproduce the reference step; use pp alone")
         self.model_cfg, self.layout, self.groups, self.loss = model_cfg, layout, groups, loss
         get_policy_loss(loss.loss)  # fail at construction on an unknown name
         self.thd = use_transformer_engine(model_cfg)
-        # Pipeline stages exchange activations whose length varies per micro-batch.
+        # MoE routing replay (optional): megatron builds its RouterReplay only when it is on.
+        if loss.routing_replay != "off":
+            from ..moe.replay import check_replay_mode
+
+            check_replay_mode(loss.routing_replay)
+            if not model_cfg.is_moe:
+                raise ValueError(f"routing_replay={loss.routing_replay!r} needs an MoE model.family")
+            config_overrides = {**config_overrides, "moe_enable_routing_replay": True}
+        # Pipeline stages exchange each micro-batch's activation shape (lengths vary).
         self.config = transformer_config(model_cfg, layout, variable_seq_lengths=layout.pp > 1,
                                          **config_overrides)
         ddp_config = DistributedDataParallelConfig(
@@ -102,6 +118,14 @@ class Learner:
             start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1,
             wd_incr_style="constant")
         self.policy_version = 0
+        self.routing_replay = None  # MoE routing replay driver (megatron_vespo.moe.replay)
+        if loss.routing_replay != "off":
+            from ..moe.replay import RoutingReplay
+
+            self.routing_replay = RoutingReplay(
+                loss.routing_replay, self.chunks, thd=self.thd, tp_size=layout.tp,
+                tp_rank=groups.tp_rank, sequence_parallel=layout.sequence_parallel,
+                cp_rank=groups.cp_rank, num_layers=model_cfg.num_hidden_layers)
 
     @property
     def policy_loss(self):
@@ -131,40 +155,82 @@ class Learner:
                                           chunk_tokens=self.loss.logprob_chunk_tokens)
         return logp
 
-    def _run_schedule(self, batches: Sequence[PackedBatch], loss_func, forward_only: bool) -> list:
+    def _run_schedule(self, batches: Sequence[PackedBatch], loss_func, forward_only: bool,
+                      around_forward=None) -> list:
+        """`around_forward`: optional (before, after) callbacks called with (chunk index, micro-batch
+        index) around each model-chunk forward (MoE routing replay)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        index = {id(b): i for i, b in reversed(list(enumerate(batches)))}
 
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
 
         def forward_step(data_iterator, model):
-            batch = next(data_iterator).to(device)
+            raw = next(data_iterator)
+            batch = raw.to(device)
             inputs = self._model_inputs(batch)
+            if around_forward is not None:
+                where = (next(k for k, c in enumerate(self.chunks) if c is model), index[id(raw)])
+                around_forward[0](*where)
             output = model(inputs.pop("input_ids"), inputs.pop("position_ids"),
                            inputs.pop("attention_mask"), **inputs)
+            if around_forward is not None:
+                around_forward[1](*where)
             return output, partial(loss_func, batch)
 
+        # The activation shape megatron's pipeline schedules allocate first: [s, b] = [L, rows] for
+        # BSHD, [T, 1] for THD, s counted over all CP ranks (p2p then exchanges each micro-batch's).
+        seq_length, rows = max(self._activation_shape(b) for b in batches)
         chunks = len(self.chunks)
         iterator = [iter(batches) for _ in range(chunks)] if chunks > 1 else iter(batches)
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterator,
             model=self.chunks if chunks > 1 else self.chunks[0],
-            num_microbatches=len(batches), seq_length=max(b.num_positions for b in batches),
-            micro_batch_size=1, forward_only=forward_only)
+            num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=rows,
+            forward_only=forward_only)
+
+    def _activation_shape(self, batch: PackedBatch) -> tuple[int, int]:
+        if self.thd:
+            return batch.num_positions * batch.cp_size, 1
+        return batch.num_positions // batch.num_seqs * batch.cp_size, batch.num_seqs
 
     # -- public API -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def recompute_old_logprobs(self, batches: Sequence[PackedBatch]) -> list[PackedBatch]:
+    def recompute_old_logprobs(self, batches: Sequence[PackedBatch],
+                               routes: Optional[Sequence[torch.Tensor]] = None) -> list[PackedBatch]:
         """The batches with old_logp replaced by this policy's log-probs (last pipeline stage; other
-        stages get the batches back unchanged, they never compute the loss)."""
+        stages get the batches back unchanged, they never compute the loss).
+
+        MoE routing replay: with R2 this forward's routes are recorded and attached to the returned
+        batches (train on those); with R3 `routes` (per micro-batch engine routes,
+        `moe.replay.rank_engine_routes`) are replayed."""
+        if self.routing_replay is not None:
+            return self._recompute_with_replay(batches, routes)
+        return self._recompute_old_logprobs(batches)
+
+    def _recompute_with_replay(self, batches, routes) -> list[PackedBatch]:
+        replay = self.routing_replay
+        try:
+            result = self._recompute_old_logprobs(
+                batches, around_forward=replay.phase(batches, routes, old_policy=True))
+            replay.keep_recorded(result)
+        finally:
+            replay.end()
+        return result
+
+    @torch.no_grad()
+    def _recompute_old_logprobs(self, batches: Sequence[PackedBatch],
+                                around_forward=None) -> list[PackedBatch]:
         for chunk in self.chunks:
             chunk.eval()
 
         def collect(batch, output):
             return output.new_zeros(()), {"logp": self._logprobs(output, batch).float()}
 
-        outputs = self._run_schedule(batches, collect, forward_only=True)
+        outputs = self._run_schedule(batches, collect, forward_only=True,
+                                     around_forward=around_forward)
         for chunk in self.chunks:
             chunk.train()
         if not outputs:
@@ -172,8 +238,10 @@ class Learner:
         return [replace(b, old_logp=torch.where(b.loss_mask, o["logp"].to(b.old_logp.device), 0.0))
                 for b, o in zip(batches, outputs)]
 
-    def train_step(self, batches: Sequence[PackedBatch], denom: Denominators) -> dict[str, float]:
-        """One optimizer step on this rank's micro-batches; returns the step metrics on every rank."""
+    def train_step(self, batches: Sequence[PackedBatch], denom: Denominators,
+                   routes: Optional[Sequence[torch.Tensor]] = None) -> dict[str, float]:
+        """One optimizer step on this rank's micro-batches; returns the step metrics on every rank.
+        `routes`: per micro-batch engine routes for MoE routing replay R3 (unused otherwise)."""
         start = time.perf_counter()
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -192,7 +260,13 @@ class Learner:
                 calculate_per_token_loss=self.config.calculate_per_token_loss, denom=denom,
                 local_tokens=batch.loss_mask.sum())
 
-        self._run_schedule(batches, loss_func, forward_only=False)
+        replay = self.routing_replay
+        try:
+            self._run_schedule(batches, loss_func, forward_only=False, around_forward=None
+                               if replay is None else replay.phase(batches, routes, old_policy=False))
+        finally:
+            if replay is not None:
+                replay.end()
         success, grad_norm, _ = self.optimizer.step()
         if grad_norm is None:
             grad_norm = self.optimizer.get_grad_norm()
