@@ -76,7 +76,12 @@ def train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     # Validate the whole file before any rank starts, so bad input is one clear error, not N tracebacks.
-    read_samples(args.rollouts, vocab_size=config.model.vocab_size)
+    samples = read_samples(args.rollouts, vocab_size=config.model.vocab_size)
+    if config.algorithm.routing_replay == "R3":
+        missing = [s.sample_id for s in samples if s.routed_experts is None]
+        if missing:
+            raise ValueError(f"algorithm.routing_replay=R3 replays the engine's routes, but "
+                             f"{len(missing)} samples have no routed_experts (first: {missing[:3]})")
     last = run_ranks(train_offline_rank, config.train.world_size, config, str(args.rollouts),
                      args.resume)[0]
     if last:

@@ -23,6 +23,7 @@ from .algo.policy_losses import (POLICY_LOSSES, CispoParams, ClipParams, GspoPar
 from .learner.learner import OptimConfig
 from .learner.model import ModelConfig, check_moe_layout
 from .learner.train_config import TrainConfig
+from .moe.replay import check_replay_mode
 from .parallel.layout import ParallelLayout
 
 
@@ -46,10 +47,14 @@ class AlgorithmConfig:
     # |log pi_old - log mu_engine| above this counts as an extreme token in mismatch/extreme_frac.
     mismatch_threshold: float = 1.0
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    # MoE routing replay: off | R2 (replay the old-policy forward's routes in training) | R3
+    # (replay the rollout engine's routes, from each sample's routed_experts).
+    routing_replay: str = "off"
 
     def __post_init__(self) -> None:
         if self.loss not in POLICY_LOSSES:
             raise ValueError(f"loss={self.loss!r} is unknown; allowed: {sorted(POLICY_LOSSES)}")
+        check_replay_mode(self.routing_replay)
 
     @property
     def loss_params(self) -> Any:
@@ -74,6 +79,12 @@ class Config:
             raise ValueError(f"train: a mini-batch of {self.train.mini_batch_size} samples "
                              f"(rollout_batch_size / staleness) cannot feed {dp} data-parallel ranks")
         check_moe_layout(self.model, self.parallel)
+        replay = self.algorithm.routing_replay
+        if replay != "off" and not self.model.is_moe:
+            raise ValueError(f"algorithm.routing_replay={replay} needs an MoE model.family")
+        if replay == "R2" and self.train.old_logprobs != "recompute":
+            raise ValueError("algorithm.routing_replay=R2 replays the routes of the old-policy "
+                             "forward: it needs train.old_logprobs=recompute")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

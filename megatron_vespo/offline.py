@@ -19,6 +19,7 @@ from .learner.batching import rank_micro_batches, sample_advantages
 from .learner.checkpoint import load_checkpoint, save_checkpoint
 from .learner.learner import Learner, LossSettings
 from .learner.samples import Sample, read_samples
+from .moe.replay import rank_engine_routes
 from .parallel.packing import required_pad_multiple
 from .parallel.step_reduce import global_denominators
 from .tracking.jsonl import JsonlMetrics
@@ -45,7 +46,7 @@ def build_learner(config: Config) -> Learner:
     learner = Learner(config.model, layout, groups, config.optim, LossSettings(
         loss=algo.loss, params=algo.loss_params, correct_mismatch=algo.correct_mismatch,
         mismatch_threshold=algo.mismatch_threshold,
-        logprob_chunk_tokens=config.train.logprob_chunk_tokens))
+        logprob_chunk_tokens=config.train.logprob_chunk_tokens, routing_replay=algo.routing_replay))
     if config.train.init_hf_checkpoint:
         from .learner.hf_convert import load_hf_into_model
 
@@ -91,19 +92,25 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
                 break
             batch = batches[b]
             advantages = sample_advantages(batch, config.algorithm.advantage)
+            split = dict(dp_rank=groups.dp_rank, dp_size=groups.dp_size,
+                         micro_batch_size=cfg.micro_batch_size)
+            samples_k = [batch[k * mini:(k + 1) * mini] for k in range(cfg.staleness)]
             minis = [rank_micro_batches(
-                batch[k * mini:(k + 1) * mini], advantages[k * mini:(k + 1) * mini],
-                dp_rank=groups.dp_rank, dp_size=groups.dp_size,
-                micro_batch_size=cfg.micro_batch_size, pad_multiple=pad,
-                uniform_length=not learner.thd, cp_size=layout.cp, cp_rank=groups.cp_rank)
-                for k in range(cfg.staleness)]
+                s, advantages[k * mini:(k + 1) * mini], pad_multiple=pad,
+                uniform_length=not learner.thd, cp_size=layout.cp, cp_rank=groups.cp_rank, **split)
+                for k, s in enumerate(samples_k)]
+            routes = [None] * cfg.staleness
+            if config.algorithm.routing_replay == "R3":
+                routes = [rank_engine_routes(s, m, cp_rank=groups.cp_rank, **split)
+                          for s, m in zip(samples_k, minis)]
             if cfg.old_logprobs == "recompute":
-                minis = [learner.recompute_old_logprobs(m) for m in minis]
+                minis = [learner.recompute_old_logprobs(m, r) for m, r in zip(minis, routes)]
             reward = sum(s.reward for s in batch) / len(batch)
             # The whole rollout batch is consumed even past max_steps, so that a checkpoint never
             # falls inside one (its old log-probs would be lost).
             for k, micro_batches in enumerate(minis):
-                last = learner.train_step(micro_batches, global_denominators(micro_batches, groups.dp))
+                last = learner.train_step(micro_batches, global_denominators(micro_batches, groups.dp),
+                                          routes[k])
                 last.update({"reward/mean": reward, "staleness/versions_behind": float(k),
                              "data/epoch": float(epoch), "data/rollout_batch": float(b)})
                 if sink:

@@ -63,3 +63,39 @@ def test_bad_rollout_file_is_one_clear_error_and_writes_nothing(tmp_path, bad, m
     assert f"rollouts.jsonl:4: {message}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def with_engine_routes(samples, layers=2, top_k=2, experts=4, seed=0):
+    """Samples carrying SGLang-layout routed_experts: [prompt + response - 1][layers][top_k]."""
+    import dataclasses
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in samples:
+        rows = len(s.prompt_ids) + len(s.response_ids) - 1
+        routes = torch.rand(rows, layers, experts, generator=g).argsort(-1)[..., :top_k]
+        out.append(dataclasses.replace(s, routed_experts=routes.tolist()))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["R2", "R3"])
+def test_train_with_routing_replay(tmp_path, mode):
+    rollouts = tmp_path / "rollouts.jsonl"
+    write_samples(rollouts, with_engine_routes(make_samples(n=16)))
+    result = train(tmp_path, rollouts, f"algorithm.routing_replay={mode}", "train.world_size=1")
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] is not None and r["grad_norm"] is not None for r in rows)
+
+
+def test_r3_without_engine_routes_is_a_clear_error(tmp_path):
+    rollouts = tmp_path / "rollouts.jsonl"
+    write_samples(rollouts, make_samples(n=8))
+    result = train(tmp_path, rollouts, "algorithm.routing_replay=R3")
+    assert result.returncode == 2
+    assert "8 samples have no routed_experts (first: ['s0', 's1', 's2'])" in result.stderr
+    assert "Traceback" not in result.stderr
