@@ -16,7 +16,7 @@ import torch
 
 from megatron_vespo.learner.checkpoint import config_mismatches, latest_checkpoint
 from megatron_vespo.learner.model import ModelConfig
-from megatron_vespo.learner.samples import Sample
+from tests.test_learner import make_samples
 from tests.distributed import run_ranks
 
 MODELS = {
@@ -39,23 +39,6 @@ RESUME_CASES = {
     "moe_dp2_to_ep2": ("moe", {}, {"ep": 2}, False, None),
     "moe_ep2_to_dp2_distopt": ("moe", {"ep": 2}, {}, True, None),
 }
-
-
-def make_samples(n=16, vocab=256, seed=0) -> list[Sample]:
-    """n responses to n/4 prompts; engine log-probs near the fresh model's (about -log 256), so
-    the importance weights and the loss are not trivial."""
-    g = torch.Generator().manual_seed(seed)
-    def tokens(low, high):
-        length = int(torch.randint(low, high, (1,), generator=g))
-        return torch.randint(0, vocab, (length,), generator=g)
-
-    out = []
-    for i in range(n):
-        prompt, response = tokens(3, 7), tokens(4, 12)
-        engine = -5.5 + torch.rand(len(response), generator=g)
-        out.append(Sample(f"s{i}", i // 4, prompt.tolist(), response.tolist(), float(i % 2),
-                          engine.tolist()))
-    return out
 
 
 # -- rank bodies -----------------------------------------------------------------------------------
