@@ -2,7 +2,6 @@
 every rank aligns its own shard, the shards are all-gathered over the real group, and the
 reassembled routes must equal the unsharded ones, position by position."""
 
-
 import pytest
 import torch
 

@@ -70,3 +70,21 @@ class RouterCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def stacked(self, mb: int) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        """Micro-batch `mb`'s routes of every captured layer, layers in layer-number order:
+        ids [N, L, k], scores [N, L, E] (None unless full_scores), probs [N, L, k]."""
+        numbers = sorted(self.layers)
+        if not numbers:
+            raise RuntimeError("RouterCapture recorded no router forward")
+        caps = []
+        for n in numbers:
+            if mb >= len(self.layers[n]):
+                raise RuntimeError(f"RouterCapture: layer {n} has no capture of micro-batch {mb}")
+            caps.append(self.layers[n][mb])
+        ids = torch.stack([c.ids for c in caps], dim=1)
+        probs = torch.stack([c.probs for c in caps], dim=1)
+        scores = None
+        if all(c.scores is not None for c in caps):
+            scores = torch.stack([c.scores for c in caps], dim=1)
+        return ids, scores, probs
