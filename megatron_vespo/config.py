@@ -50,6 +50,9 @@ class AlgorithmConfig:
     # MoE routing replay: off | R2 (replay the old-policy forward's routes in training) | R3
     # (replay the rollout engine's routes, from each sample's routed_experts).
     routing_replay: str = "off"
+    # MoE routing metrics in every step (moe/drift_*, moe/route_*, moe/router_kl, expert load);
+    # MoE models with parallel.pp == 1 only.
+    routing_metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in POLICY_LOSSES:
@@ -82,6 +85,13 @@ class Config:
         replay = self.algorithm.routing_replay
         if replay != "off" and not self.model.is_moe:
             raise ValueError(f"algorithm.routing_replay={replay} needs an MoE model.family")
+        if self.algorithm.routing_metrics:
+            if not self.model.is_moe:
+                raise ValueError("algorithm.routing_metrics needs an MoE model.family")
+            if self.parallel.pp > 1:
+                raise ValueError("algorithm.routing_metrics supports parallel.pp == 1 only")
+        if self.train.heatmap_interval and not self.algorithm.routing_metrics:
+            raise ValueError("train.heatmap_interval needs algorithm.routing_metrics=true")
         if replay == "R2" and self.train.old_logprobs != "recompute":
             raise ValueError("algorithm.routing_replay=R2 replays the routes of the old-policy "
                              "forward: it needs train.old_logprobs=recompute")

@@ -22,6 +22,7 @@ from .learner.samples import Sample, read_samples
 from .moe.replay import rank_engine_routes
 from .parallel.packing import required_pad_multiple
 from .parallel.step_reduce import global_denominators
+from .tracking.heatmap import write_load_heatmap
 from .tracking.jsonl import JsonlMetrics
 
 
@@ -46,7 +47,8 @@ def build_learner(config: Config) -> Learner:
     learner = Learner(config.model, layout, groups, config.optim, LossSettings(
         loss=algo.loss, params=algo.loss_params, correct_mismatch=algo.correct_mismatch,
         mismatch_threshold=algo.mismatch_threshold,
-        logprob_chunk_tokens=config.train.logprob_chunk_tokens, routing_replay=algo.routing_replay))
+        logprob_chunk_tokens=config.train.logprob_chunk_tokens, routing_replay=algo.routing_replay,
+        routing_metrics=algo.routing_metrics))
     if config.train.init_hf_checkpoint:
         from .learner.hf_convert import load_hf_into_model
 
@@ -100,7 +102,11 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
                 uniform_length=not learner.thd, cp_size=layout.cp, cp_rank=groups.cp_rank, **split)
                 for k, s in enumerate(samples_k)]
             routes = [None] * cfg.staleness
-            if config.algorithm.routing_replay == "R3":
+            # R3 replays the engine's routes; routing metrics compare them with the old-policy
+            # forward's when every sample of the rollout batch carries them.
+            if config.algorithm.routing_replay == "R3" or (
+                    config.algorithm.routing_metrics and cfg.old_logprobs == "recompute"
+                    and all(s.routed_experts is not None for s in batch)):
                 routes = [rank_engine_routes(s, m, cp_rank=groups.cp_rank, **split)
                           for s, m in zip(samples_k, minis)]
             if cfg.old_logprobs == "recompute":
@@ -113,6 +119,11 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
                                           routes[k])
                 last.update({"reward/mean": reward, "staleness/versions_behind": float(k),
                              "data/epoch": float(epoch), "data/rollout_batch": float(b)})
+                if rank == 0 and cfg.heatmap_interval and learner.policy_version % cfg.heatmap_interval == 0 \
+                        and learner.last_routing_load is not None:
+                    write_load_heatmap(learner.last_routing_load, out_dir / "routing" /
+                                       f"step_{learner.policy_version:08d}.png",
+                                       title=f"expert load, step {learner.policy_version}")
                 if sink:
                     sink.log(learner.policy_version, last)
                     print(_progress(learner.policy_version, last, reward, k), flush=True)

@@ -10,6 +10,7 @@ own loss scaling so gradients are those of the globally normalised loss.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional, Sequence
@@ -65,6 +66,9 @@ class LossSettings:
     # MoE routing replay (megatron_vespo.moe.replay): "off" | "R2" (replay the old-policy forward's
     # routes) | "R3" (replay the rollout engine's routes).
     routing_replay: str = "off"
+    # MoE routing metrics in every train_step (drift old-policy vs current forward, engine vs
+    # old-policy routes when given, expert load): megatron_vespo.algo.routing. pp == 1 only.
+    routing_metrics: bool = False
 
 
 class Learner:
@@ -83,6 +87,16 @@ class Learner:
             raise ValueError("parallel.vpp is not supported by the learner yet: the interleaved "
                              "pipeline schedule does not reproduce the reference step; use pp alone")
         self.model_cfg, self.layout, self.groups, self.loss = model_cfg, layout, groups, loss
+        if loss.routing_metrics:
+            if not model_cfg.is_moe:
+                raise ValueError("routing_metrics needs an MoE model.family")
+            if layout.pp > 1:
+                # Different stages hold different layers: the per-layer sums would need a gather
+                # over PP, which is not implemented.
+                raise ValueError("routing_metrics supports parallel.pp == 1 only")
+        # id(batch) -> (weakref, old ids [N, L, k], old scores [N, L, E], engine agreement sums)
+        self._old_routes: dict[int, tuple] = {}
+        self.last_routing_load: Optional[torch.Tensor] = None  # [L, E] shares of the last step
         get_policy_loss(loss.loss)  # fail at construction on an unknown name
         self.thd = use_transformer_engine(model_cfg)
         # MoE routing replay (optional): megatron builds its RouterReplay only when it is on.
@@ -205,10 +219,110 @@ class Learner:
 
         MoE routing replay: with R2 this forward's routes are recorded and attached to the returned
         batches (train on those); with R3 `routes` (per micro-batch engine routes,
-        `moe.replay.rank_engine_routes`) are replayed."""
+        `moe.replay.rank_engine_routes`) are replayed.
+
+        With `routing_metrics` this forward's routes (ids and full router rows) are kept with the
+        returned batches for the drift metrics of `train_step`; given `routes`, the engine's routes
+        are compared with this forward's (`moe/route_*`, reported by the batches' train_step)."""
+        if not self.loss.routing_metrics:
+            return self._recompute_dispatch(batches, routes)
+        from ..moe.capture import RouterCapture
+
+        with RouterCapture(self.chunks, full_scores=True) as cap:
+            result = self._recompute_dispatch(batches, routes)
+        self._keep_old_routes(result, cap, routes)
+        return result
+
+    def _recompute_dispatch(self, batches, routes) -> list[PackedBatch]:
         if self.routing_replay is not None:
             return self._recompute_with_replay(batches, routes)
         return self._recompute_old_logprobs(batches)
+
+    # -- MoE routing metrics --------------------------------------------------------------------
+
+    def _router_order(self, values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        from ..moe.replay import align_to_router_order
+
+        return align_to_router_order(
+            values, rows=None if self.thd else batch.num_seqs, tp_size=self.layout.tp,
+            tp_rank=self.groups.tp_rank, sequence_parallel=self.layout.sequence_parallel)
+
+    def _keep_old_routes(self, batches: Sequence[PackedBatch], cap, routes) -> None:
+        from ..algo.routing import route_agreement
+
+        if routes is not None and len(routes) != len(batches):
+            raise ValueError(f"{len(routes)} engine routes for {len(batches)} micro-batches")
+        for mb, batch in enumerate(batches):
+            ids, scores, _ = cap.stacked(mb)
+            engine = None
+            if routes is not None:
+                r = routes[mb]
+                if r.dim() != 3 or r.shape[0] != batch.num_positions or r.shape[1:] != ids.shape[1:]:
+                    raise ValueError(f"engine routes of shape {tuple(r.shape)} for micro-batch {mb}: "
+                                     f"expected [{batch.num_positions}, {ids.shape[1]}, {ids.shape[2]}]")
+                aligned = self._router_order(r.long().to(ids.device), batch)
+                engine = route_agreement(aligned, ids, self._router_order(
+                    batch.loss_mask, batch).to(ids.device), prefix="moe/route")
+            key = id(batch)
+            ref = weakref.ref(batch, lambda _, key=key, table=self._old_routes: table.pop(key, None))
+            self._old_routes[key] = (ref, ids, scores, engine)
+
+    def _routing_sums(self, batches: Sequence[PackedBatch], cap) -> MetricSums:
+        """This rank's routing sums of one step (captured training forwards of `batches`)."""
+        from ..algo.routing import expert_load, route_agreement, router_drift
+
+        old = [self._old_routes.get(id(b)) for b in batches]
+        have_old = all(o is not None and o[0]() is b for o, b in zip(old, batches))
+        have_engine = have_old and all(o[3] is not None for o in old)
+        # Every rank must hold the same key set: agree on what is available.
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        flags = torch.tensor([int(have_old), int(have_engine)], device=device)
+        for group in self._routing_groups():
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+        have_old, have_engine = bool(flags[0]), bool(flags[1])
+        total = MetricSums()
+        for mb, batch in enumerate(batches):
+            ids, scores, _ = cap.stacked(mb)
+            mask = self._router_order(batch.loss_mask, batch).to(ids.device)
+            sums = expert_load(ids, mask, self.model_cfg.num_experts, probs_full=scores)
+            if have_old:
+                _, old_ids, old_scores, engine = old[mb]
+                sums = sums.merge(route_agreement(old_ids, ids, mask, prefix="moe/drift"))
+                sums = sums.merge(router_drift(old_scores, scores, old_ids, ids, mask))
+                if have_engine:
+                    sums = sums.merge(engine)
+            total = total.merge(sums)
+        return total
+
+    def _routing_groups(self) -> list:
+        """Groups whose ranks hold different tokens of the same layers: DP x CP, and TP under
+        sequence parallelism (each TP rank routes its own sequence slice). EP ranks route all
+        layers for their own tokens, so EP adds nothing."""
+        groups = [self.groups.dp_cp]
+        if self.layout.sequence_parallel and self.layout.tp > 1:
+            groups.append(self.groups.tp)
+        return [g for g in groups if dist.get_world_size(g) > 1]
+
+    def _routing_metrics(self, batches: Sequence[PackedBatch], cap) -> dict[str, float]:
+        from ..algo.routing import finalize_routing, load_matrix
+
+        groups = self._routing_groups()
+
+        def over(op):
+            def reduce(x):
+                for group in groups:
+                    dist.all_reduce(x, op=op, group=group)
+                return x
+
+            return reduce
+
+        reduced = self._routing_sums(batches, cap).reduce(
+            sum_seq=over(dist.ReduceOp.SUM), sum_tok=over(dist.ReduceOp.SUM),
+            max_all=over(dist.ReduceOp.MAX))
+        layers, experts = self.model_cfg.num_hidden_layers, self.model_cfg.num_experts
+        self.last_routing_load = load_matrix(reduced, layers, experts)
+        return finalize_routing(reduced, layers, experts)
 
     def _recompute_with_replay(self, batches, routes) -> list[PackedBatch]:
         replay = self.routing_replay
@@ -261,12 +375,20 @@ class Learner:
                 local_tokens=batch.loss_mask.sum())
 
         replay = self.routing_replay
+        cap = None
+        if self.loss.routing_metrics:
+            from ..moe.capture import RouterCapture
+
+            cap = RouterCapture(self.chunks, full_scores=True).__enter__()  # no backward recompute
         try:
             self._run_schedule(batches, loss_func, forward_only=False, around_forward=None
                                if replay is None else replay.phase(batches, routes, old_policy=False))
         finally:
             if replay is not None:
                 replay.end()
+            if cap is not None:
+                cap.__exit__(None, None, None)
+        routing = {} if cap is None else self._routing_metrics(batches, cap)
         success, grad_norm, _ = self.optimizer.step()
         if grad_norm is None:
             grad_norm = self.optimizer.get_grad_norm()
@@ -280,7 +402,7 @@ class Learner:
             "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
             "update_skipped": float(not success), "policy_version": float(self.policy_version),
             "perf/step_time_s": elapsed, "perf/tokens_per_s_per_rank": positions / elapsed,
-            **self._moe_aux_metrics(m),
+            **self._moe_aux_metrics(m), **routing,
         })
         return metrics
 
