@@ -119,8 +119,8 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
                                           routes[k])
                 last.update({"reward/mean": reward, "staleness/versions_behind": float(k),
                              "data/epoch": float(epoch), "data/rollout_batch": float(b)})
-                if rank == 0 and cfg.heatmap_interval and learner.policy_version % cfg.heatmap_interval == 0 \
-                        and learner.last_routing_load is not None:
+                heatmap_due = cfg.heatmap_interval and learner.policy_version % cfg.heatmap_interval == 0
+                if rank == 0 and heatmap_due and learner.last_routing_load is not None:
                     write_load_heatmap(learner.last_routing_load, out_dir / "routing" /
                                        f"step_{learner.policy_version:08d}.png",
                                        title=f"expert load, step {learner.policy_version}")
