@@ -20,7 +20,7 @@ from .algo.advantages import AdvantageConfig
 from .algo.kernel import KernelConstants
 from .algo.policy_losses import (POLICY_LOSSES, CispoParams, ClipParams, GspoParams, SapoParams,
                                  SeqIsParams)
-from .learner.learner import OptimConfig
+from .learner.learner import LossSettings, OptimConfig, check_learner_settings
 from .learner.model import ModelConfig, check_moe_layout
 from .learner.train_config import TrainConfig
 from .moe.replay import check_replay_mode
@@ -64,6 +64,13 @@ class AlgorithmConfig:
         """The parameters of the selected loss (its sub-section)."""
         return getattr(self, self.loss)
 
+    def loss_settings(self, logprob_chunk_tokens: int) -> LossSettings:
+        """What the learner's loss path takes from this section."""
+        return LossSettings(
+            loss=self.loss, params=self.loss_params, correct_mismatch=self.correct_mismatch,
+            mismatch_threshold=self.mismatch_threshold, logprob_chunk_tokens=logprob_chunk_tokens,
+            routing_replay=self.routing_replay, routing_metrics=self.routing_metrics)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -82,17 +89,11 @@ class Config:
             raise ValueError(f"train: a mini-batch of {self.train.mini_batch_size} samples "
                              f"(rollout_batch_size / staleness) cannot feed {dp} data-parallel ranks")
         check_moe_layout(self.model, self.parallel)
-        replay = self.algorithm.routing_replay
-        if replay != "off" and not self.model.is_moe:
-            raise ValueError(f"algorithm.routing_replay={replay} needs an MoE model.family")
-        if self.algorithm.routing_metrics:
-            if not self.model.is_moe:
-                raise ValueError("algorithm.routing_metrics needs an MoE model.family")
-            if self.parallel.pp > 1:
-                raise ValueError("algorithm.routing_metrics supports parallel.pp == 1 only")
+        check_learner_settings(self.model, self.parallel,
+                               self.algorithm.loss_settings(self.train.logprob_chunk_tokens))
         if self.train.heatmap_interval and not self.algorithm.routing_metrics:
             raise ValueError("train.heatmap_interval needs algorithm.routing_metrics=true")
-        if replay == "R2" and self.train.old_logprobs != "recompute":
+        if self.algorithm.routing_replay == "R2" and self.train.old_logprobs != "recompute":
             raise ValueError("algorithm.routing_replay=R2 replays the routes of the old-policy "
                              "forward: it needs train.old_logprobs=recompute")
 

@@ -17,7 +17,7 @@ import torch
 from .config import Config
 from .learner.batching import rank_micro_batches, sample_advantages
 from .learner.checkpoint import load_checkpoint, save_checkpoint
-from .learner.learner import Learner, LossSettings
+from .learner.learner import Learner
 from .learner.samples import Sample, read_samples
 from .moe.replay import rank_engine_routes
 from .parallel.packing import required_pad_multiple
@@ -43,12 +43,8 @@ def build_learner(config: Config) -> Learner:
     groups = layout.initialize()
     torch.manual_seed(config.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
-    algo = config.algorithm
-    learner = Learner(config.model, layout, groups, config.optim, LossSettings(
-        loss=algo.loss, params=algo.loss_params, correct_mismatch=algo.correct_mismatch,
-        mismatch_threshold=algo.mismatch_threshold,
-        logprob_chunk_tokens=config.train.logprob_chunk_tokens, routing_replay=algo.routing_replay,
-        routing_metrics=algo.routing_metrics))
+    learner = Learner(config.model, layout, groups, config.optim,
+                      config.algorithm.loss_settings(config.train.logprob_chunk_tokens))
     if config.train.init_hf_checkpoint:
         from .learner.hf_convert import load_hf_into_model
 

@@ -10,7 +10,6 @@ own loss scaling so gradients are those of the globally normalised loss.
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional, Sequence
@@ -25,8 +24,16 @@ from ..parallel.logprobs import vocab_parallel_logprobs
 from ..parallel.megatron_scaling import schedule_loss_output
 from ..parallel.packing import PackedBatch
 from ..parallel.policy_objective import shard_policy_loss
-from ..parallel.step_reduce import reduce_step_metrics
+from ..parallel.step_reduce import all_reduce_over, reduce_step_metrics
+from ..moe.per_batch import PerBatch
 from .model import ModelConfig, build_model_chunks, transformer_config, use_transformer_engine
+
+
+def _device() -> torch.device:
+    """Where this rank's tensors live: its CUDA device, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,29 @@ class LossSettings:
     routing_metrics: bool = False
 
 
+def check_learner_settings(model_cfg: ModelConfig, layout: ParallelLayout, loss: LossSettings) -> None:
+    """Refuse what the learner cannot run, before any process group or model is built."""
+    if layout.vpp:
+        # The interleaved schedule's training forward disagrees with the non-interleaved
+        # reference (loss and grad norm, tests/test_learner.py); forward-only passes agree.
+        raise ValueError("parallel.vpp is not supported by the learner yet: the interleaved "
+                         "pipeline schedule does not reproduce the reference step; use pp alone")
+    get_policy_loss(loss.loss)
+    if loss.routing_replay != "off":
+        from ..moe.replay import check_replay_mode
+
+        check_replay_mode(loss.routing_replay)
+        if not model_cfg.is_moe:
+            raise ValueError(f"routing_replay={loss.routing_replay!r} needs an MoE model.family")
+    if loss.routing_metrics:
+        if not model_cfg.is_moe:
+            raise ValueError("routing_metrics needs an MoE model.family")
+        if layout.pp > 1:
+            # Different stages hold different layers: the per-layer sums would need a gather
+            # over PP, which is not implemented.
+            raise ValueError("routing_metrics supports parallel.pp == 1 only")
+
+
 class Learner:
     """Holds the model chunks, optimizer and scheduler of this rank; `policy_version` counts steps."""
 
@@ -81,31 +111,14 @@ class Learner:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        if layout.vpp:
-            # The interleaved schedule's training forward disagrees with the non-interleaved
-            # reference (loss and grad norm, tests/test_learner.py); forward-only passes agree.
-            raise ValueError("parallel.vpp is not supported by the learner yet: the interleaved "
-                             "pipeline schedule does not reproduce the reference step; use pp alone")
+        check_learner_settings(model_cfg, layout, loss)
         self.model_cfg, self.layout, self.groups, self.loss = model_cfg, layout, groups, loss
-        if loss.routing_metrics:
-            if not model_cfg.is_moe:
-                raise ValueError("routing_metrics needs an MoE model.family")
-            if layout.pp > 1:
-                # Different stages hold different layers: the per-layer sums would need a gather
-                # over PP, which is not implemented.
-                raise ValueError("routing_metrics supports parallel.pp == 1 only")
-        # id(batch) -> (weakref, old ids [N, L, k], old scores [N, L, E], engine agreement sums)
-        self._old_routes: dict[int, tuple] = {}
+        # batch -> (old ids [N, L, k], old scores [N, L, E], engine agreement sums or None)
+        self._old_routes = PerBatch()
         self.last_routing_load: Optional[torch.Tensor] = None  # [L, E] shares of the last step
-        get_policy_loss(loss.loss)  # fail at construction on an unknown name
         self.thd = use_transformer_engine(model_cfg)
         # MoE routing replay (optional): megatron builds its RouterReplay only when it is on.
         if loss.routing_replay != "off":
-            from ..moe.replay import check_replay_mode
-
-            check_replay_mode(loss.routing_replay)
-            if not model_cfg.is_moe:
-                raise ValueError(f"routing_replay={loss.routing_replay!r} needs an MoE model.family")
             config_overrides = {**config_overrides, "moe_enable_routing_replay": True}
         # Pipeline stages exchange each micro-batch's activation shape (lengths vary).
         self.config = transformer_config(model_cfg, layout, variable_seq_lengths=layout.pp > 1,
@@ -176,9 +189,7 @@ class Learner:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         index = {id(b): i for i, b in reversed(list(enumerate(batches)))}
-
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        device = _device()
 
         def forward_step(data_iterator, model):
             raw = next(data_iterator)
@@ -263,23 +274,18 @@ class Learner:
                 aligned = self._router_order(r.long().to(ids.device), batch)
                 engine = route_agreement(aligned, ids, self._router_order(
                     batch.loss_mask, batch).to(ids.device), prefix="moe/route")
-            key = id(batch)
-            ref = weakref.ref(batch, lambda _, key=key, table=self._old_routes: table.pop(key, None))
-            self._old_routes[key] = (ref, ids, scores, engine)
+            self._old_routes.put(batch, (ids, scores, engine))
 
     def _routing_sums(self, batches: Sequence[PackedBatch], cap) -> MetricSums:
         """This rank's routing sums of one step (captured training forwards of `batches`)."""
         from ..algo.routing import expert_load, route_agreement, router_drift
 
-        old = [self._old_routes.get(id(b)) for b in batches]
-        have_old = all(o is not None and o[0]() is b for o, b in zip(old, batches))
-        have_engine = have_old and all(o[3] is not None for o in old)
+        old = [self._old_routes.get(b) for b in batches]
+        have_old = all(o is not None for o in old)
+        have_engine = have_old and all(o[2] is not None for o in old)
         # Every rank must hold the same key set: agree on what is available.
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        flags = torch.tensor([int(have_old), int(have_engine)], device=device)
-        for group in self._routing_groups():
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+        flags = torch.tensor([int(have_old), int(have_engine)], device=_device())
+        all_reduce_over(self._routing_groups(), dist.ReduceOp.MIN)(flags)
         have_old, have_engine = bool(flags[0]), bool(flags[1])
         total = MetricSums()
         for mb, batch in enumerate(batches):
@@ -287,7 +293,7 @@ class Learner:
             mask = self._router_order(batch.loss_mask, batch).to(ids.device)
             sums = expert_load(ids, mask, self.model_cfg.num_experts, probs_full=scores)
             if have_old:
-                _, old_ids, old_scores, engine = old[mb]
+                old_ids, old_scores, engine = old[mb]
                 sums = sums.merge(route_agreement(old_ids, ids, mask, prefix="moe/drift"))
                 sums = sums.merge(router_drift(old_scores, scores, old_ids, ids, mask))
                 if have_engine:
@@ -299,27 +305,17 @@ class Learner:
         """Groups whose ranks hold different tokens of the same layers: DP x CP, and TP under
         sequence parallelism (each TP rank routes its own sequence slice). EP ranks route all
         layers for their own tokens, so EP adds nothing."""
-        groups = [self.groups.dp_cp]
-        if self.layout.sequence_parallel and self.layout.tp > 1:
-            groups.append(self.groups.tp)
-        return [g for g in groups if dist.get_world_size(g) > 1]
+        if self.layout.sequence_parallel:
+            return [self.groups.dp_cp, self.groups.tp]
+        return [self.groups.dp_cp]
 
     def _routing_metrics(self, batches: Sequence[PackedBatch], cap) -> dict[str, float]:
         from ..algo.routing import finalize_routing, load_matrix
 
         groups = self._routing_groups()
-
-        def over(op):
-            def reduce(x):
-                for group in groups:
-                    dist.all_reduce(x, op=op, group=group)
-                return x
-
-            return reduce
-
+        total = all_reduce_over(groups, dist.ReduceOp.SUM)
         reduced = self._routing_sums(batches, cap).reduce(
-            sum_seq=over(dist.ReduceOp.SUM), sum_tok=over(dist.ReduceOp.SUM),
-            max_all=over(dist.ReduceOp.MAX))
+            sum_seq=total, sum_tok=total, max_all=all_reduce_over(groups, dist.ReduceOp.MAX))
         layers, experts = self.model_cfg.num_hidden_layers, self.model_cfg.num_experts
         self.last_routing_load = load_matrix(reduced, layers, experts)
         return finalize_routing(reduced, layers, experts)
@@ -431,10 +427,8 @@ class Learner:
 
         out = {}
         for name, entry in get_moe_layer_wise_logging_tracker().items():
-            values = entry["values"].clone()
-            for group in (self.groups.pp, self.groups.dp):
-                if dist.get_world_size(group) > 1:
-                    dist.all_reduce(values, group=group)
+            values = all_reduce_over([self.groups.pp, self.groups.dp],
+                                     dist.ReduceOp.SUM)(entry["values"].clone())
             scale = num_microbatches * self.groups.dp_size * self.model_cfg.num_hidden_layers
             out[f"moe/{name}"] = values.sum().item() / scale
         clear_aux_losses_tracker()

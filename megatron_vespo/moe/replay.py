@@ -35,7 +35,6 @@ Positions without engine routes (the last token of each sequence, padding) are r
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -43,6 +42,7 @@ from torch import Tensor
 
 from ..learner.samples import Sample
 from ..parallel.packing import PackedBatch, split_evenly, zigzag_index
+from .per_batch import PerBatch
 
 REPLAY_MODES = ("off", "R2", "R3")
 
@@ -180,7 +180,7 @@ class RoutingReplay:
                     raise ValueError("routers were built without moe_enable_routing_replay=True")
         self.thd, self.tp_size, self.tp_rank = thd, tp_size, tp_rank
         self.sequence_parallel, self.cp_rank, self.num_layers = sequence_parallel, cp_rank, num_layers
-        self._recorded: dict[int, tuple] = {}  # id(batch) -> (weakref, [chunk][router] indices)
+        self._recorded = PerBatch()  # batch -> [chunk][router] recorded indices
         self._pending: dict[int, list] = {}
         self._replaying = False
         for routers in self.routers:
@@ -235,11 +235,11 @@ class RoutingReplay:
     def _recorded_targets(self, batches) -> Callable[[int, int], list[Tensor]]:
         found = []
         for i, b in enumerate(batches):
-            entry = self._recorded.get(id(b))
-            if entry is None or entry[0]() is not b:
+            indices = self._recorded.get(b)
+            if indices is None:
                 raise ValueError(f"routing_replay=R2: micro-batch {i} has no recorded routes; train "
                                  "on the batches recompute_old_logprobs returned")
-            found.append(entry[1])
+            found.append(indices)
         return lambda chunk, mb: found[mb][chunk]
 
     def phase(self, batches: Sequence[PackedBatch], routes, *, old_policy: bool):
@@ -276,11 +276,8 @@ class RoutingReplay:
             per_chunk = self._pending.get(mb)
             if per_chunk is None or any(c is None for c in per_chunk):
                 raise RuntimeError(f"routing replay recorded nothing for micro-batch {mb}")
-            key = id(batch)
-            ref = weakref.ref(batch, lambda _, key=key, table=self._recorded: table.pop(key, None))
-            self._recorded[key] = (ref, per_chunk)
+            self._recorded.put(batch, per_chunk)
 
     def recorded(self, batch: PackedBatch) -> Optional[list]:
         """[chunk][router] recorded top-k indices of a batch (router order), or None."""
-        entry = self._recorded.get(id(batch))
-        return entry[1] if entry is not None and entry[0]() is batch else None
+        return self._recorded.get(batch)

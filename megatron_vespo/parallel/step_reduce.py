@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from ..algo.metrics import MetricSums
 from ..algo.policy_losses import Denominators
@@ -26,19 +27,23 @@ def global_denominators(micro_batches: Sequence[PackedBatch], dp_group) -> Denom
     return Denominators(tokens=totals[0].item(), sequences=totals[1].item())
 
 
-def reduce_step_metrics(metrics: MetricSums, groups: ParallelGroups) -> MetricSums:
-    """Three collectives per step: sequence sums over DP, token sums and maxima over DP x CP."""
+def all_reduce_over(groups: Sequence[dist.ProcessGroup], op) -> Callable[[Tensor], Tensor]:
+    """A reducer that all-reduces a tensor in place over each group in turn (skipping groups of
+    one rank) and returns it; over disjoint groups this is the reduction over their product."""
 
-    def over(group, op):
-        def reduce(x):
+    def reduce(x: Tensor) -> Tensor:
+        for group in groups:
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(x, op=op, group=group)
-            return x
+        return x
 
-        return reduce
+    return reduce
 
+
+def reduce_step_metrics(metrics: MetricSums, groups: ParallelGroups) -> MetricSums:
+    """Three collectives per step: sequence sums over DP, token sums and maxima over DP x CP."""
     return metrics.reduce(
-        sum_seq=over(groups.dp, dist.ReduceOp.SUM),
-        sum_tok=over(groups.dp_cp, dist.ReduceOp.SUM),
-        max_all=over(groups.dp_cp, dist.ReduceOp.MAX),
+        sum_seq=all_reduce_over([groups.dp], dist.ReduceOp.SUM),
+        sum_tok=all_reduce_over([groups.dp_cp], dist.ReduceOp.SUM),
+        max_all=all_reduce_over([groups.dp_cp], dist.ReduceOp.MAX),
     )
