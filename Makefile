@@ -8,7 +8,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,rollout]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps sglang
 	touch $@
 
 demo: install

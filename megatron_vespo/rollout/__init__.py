@@ -1,0 +1,1 @@
+"""The SGLang side: fleet launch/attach, the async client, weight sync, the staleness buffer."""
