@@ -15,13 +15,10 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .learner.batching import rank_micro_batches, sample_advantages
 from .learner.checkpoint import load_checkpoint, save_checkpoint
 from .learner.learner import Learner
 from .learner.samples import Sample, read_samples
-from .moe.replay import rank_engine_routes
-from .parallel.packing import required_pad_multiple
-from .parallel.step_reduce import global_denominators
+from .rollout_batch import train_rollout_batch
 from .tracking.heatmap import write_load_heatmap
 from .tracking.jsonl import JsonlMetrics
 
@@ -74,9 +71,6 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
     if rank == 0 and leftover:
         print(f"[megatron-vespo] {leftover} trailing samples do not fill a rollout batch and are "
               f"not trained on", file=sys.stderr)
-    groups, layout = learner.groups, config.parallel
-    pad = required_pad_multiple(layout.cp, layout.tp, layout.sequence_parallel)
-    mini = cfg.mini_batch_size
     last: dict = {}
     since_save = 0
 
@@ -89,41 +83,25 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
             if done():
                 break
             batch = batches[b]
-            advantages = sample_advantages(batch, config.algorithm.advantage)
-            split = dict(dp_rank=groups.dp_rank, dp_size=groups.dp_size,
-                         micro_batch_size=cfg.micro_batch_size)
-            samples_k = [batch[k * mini:(k + 1) * mini] for k in range(cfg.staleness)]
-            minis = [rank_micro_batches(
-                s, advantages[k * mini:(k + 1) * mini], pad_multiple=pad,
-                uniform_length=not learner.thd, cp_size=layout.cp, cp_rank=groups.cp_rank, **split)
-                for k, s in enumerate(samples_k)]
-            routes = [None] * cfg.staleness
-            # R3 replays the engine's routes; routing metrics compare them with the old-policy
-            # forward's when every sample of the rollout batch carries them.
-            if config.algorithm.routing_replay == "R3" or (
-                    config.algorithm.routing_metrics and cfg.old_logprobs == "recompute"
-                    and all(s.routed_experts is not None for s in batch)):
-                routes = [rank_engine_routes(s, m, cp_rank=groups.cp_rank, **split)
-                          for s, m in zip(samples_k, minis)]
-            if cfg.old_logprobs == "recompute":
-                minis = [learner.recompute_old_logprobs(m, r) for m, r in zip(minis, routes)]
             reward = sum(s.reward for s in batch) / len(batch)
-            # The whole rollout batch is consumed even past max_steps, so that a checkpoint never
-            # falls inside one (its old log-probs would be lost).
-            for k, micro_batches in enumerate(minis):
-                last = learner.train_step(micro_batches, global_denominators(micro_batches, groups.dp),
-                                          routes[k])
-                last.update({"reward/mean": reward, "staleness/versions_behind": float(k),
-                             "data/epoch": float(epoch), "data/rollout_batch": float(b)})
+
+            def after_step(k: int, metrics: dict) -> None:
+                nonlocal last, since_save
+                metrics.update({"data/epoch": float(epoch), "data/rollout_batch": float(b)})
                 heatmap_due = cfg.heatmap_interval and learner.policy_version % cfg.heatmap_interval == 0
                 if rank == 0 and heatmap_due and learner.last_routing_load is not None:
                     write_load_heatmap(learner.last_routing_load, out_dir / "routing" /
                                        f"step_{learner.policy_version:08d}.png",
                                        title=f"expert load, step {learner.policy_version}")
                 if sink:
-                    sink.log(learner.policy_version, last)
-                    print(_progress(learner.policy_version, last, reward, k), flush=True)
+                    sink.log(learner.policy_version, metrics)
+                    print(_progress(learner.policy_version, metrics, reward, k), flush=True)
+                last = metrics
                 since_save += 1
+
+            # The whole rollout batch is consumed even past max_steps, so that a checkpoint never
+            # falls inside one (its old log-probs would be lost).
+            train_rollout_batch(learner, config, batch, cfg.staleness, after_step)
             cursor = {"epoch": epoch, "rollout_batch": b + 1}
             if cfg.save_interval and since_save >= cfg.save_interval:
                 save_checkpoint(learner, ckpt_root, cursor)

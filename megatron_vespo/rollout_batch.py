@@ -1,0 +1,60 @@
+"""One rollout batch -> N optimizer steps: the part of training shared by offline files, the
+synchronous loop and the fully asynchronous loop.
+
+A rollout batch holds samples of one behaviour policy (or, asynchronously, whatever the staleness
+buffer handed out for one step). It gets group-relative advantages, is split into N = staleness
+mini-batches, has its old log-probs recomputed once (before any of its updates), and is consumed as
+N optimizer steps, the k-th of which trains on data k versions behind the current policy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from .config import Config
+from .learner.batching import rank_micro_batches, sample_advantages
+from .learner.learner import Learner
+from .learner.samples import Sample
+from .moe.replay import rank_engine_routes
+from .parallel.packing import required_pad_multiple
+from .parallel.step_reduce import global_denominators
+
+
+def train_rollout_batch(learner: Learner, config: Config, batch: Sequence[Sample], staleness: int,
+                        after_step: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+    """Consume `batch` as `staleness` equal mini-batches; returns each step's metrics.
+
+    `after_step(k, metrics)` runs after the k-th step (while the learner still holds that step's
+    routing load, for heat-maps)."""
+    cfg, layout, groups, algo = config.train, config.parallel, learner.groups, config.algorithm
+    if len(batch) % staleness:
+        raise ValueError(f"a rollout batch of {len(batch)} samples does not split into "
+                         f"{staleness} equal mini-batches")
+    mini = len(batch) // staleness
+    pad = required_pad_multiple(layout.cp, layout.tp, layout.sequence_parallel)
+    advantages = sample_advantages(batch, algo.advantage)
+    split = dict(dp_rank=groups.dp_rank, dp_size=groups.dp_size, micro_batch_size=cfg.micro_batch_size)
+    samples_k = [batch[k * mini:(k + 1) * mini] for k in range(staleness)]
+    minis = [rank_micro_batches(s, advantages[k * mini:(k + 1) * mini], pad_multiple=pad,
+                                uniform_length=not learner.thd, cp_size=layout.cp,
+                                cp_rank=groups.cp_rank, **split)
+             for k, s in enumerate(samples_k)]
+    routes = [None] * staleness
+    # R3 replays the engine's routes; routing metrics compare them with the old-policy forward's
+    # when every sample of the rollout batch carries them.
+    if algo.routing_replay == "R3" or (algo.routing_metrics and cfg.old_logprobs == "recompute"
+                                       and all(s.routed_experts is not None for s in batch)):
+        routes = [rank_engine_routes(s, m, cp_rank=groups.cp_rank, **split)
+                  for s, m in zip(samples_k, minis)]
+    if cfg.old_logprobs == "recompute":
+        minis = [learner.recompute_old_logprobs(m, r) for m, r in zip(minis, routes)]
+    reward = sum(s.reward for s in batch) / len(batch)
+    out = []
+    for k, micro_batches in enumerate(minis):
+        metrics = learner.train_step(micro_batches, global_denominators(micro_batches, groups.dp),
+                                     routes[k])
+        metrics.update({"reward/mean": reward, "staleness/versions_behind": float(k)})
+        if after_step:
+            after_step(k, metrics)
+        out.append(metrics)
+    return out

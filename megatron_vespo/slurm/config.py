@@ -1,0 +1,93 @@
+"""The `slurm:` section: the shape of the one heterogeneous job that runs a training.
+
+Component 0 holds the learners (`learner_nodes` nodes, one torchrun per node); component 1 holds the
+SGLang fleet (`rollout_nodes` nodes, `servers_per_node` servers on each, the router beside the first
+server). Nothing here names a host or a port: both are found from the job when it runs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+# Every job takes a block of this many consecutive ports: rendezvous, router, then one per server.
+PORTS_PER_JOB = 16
+MAX_SERVERS_PER_NODE = PORTS_PER_JOB - 2
+
+# The time formats sbatch accepts: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_TIME_LIMIT = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_limit: str = "04:00:00"
+    job_name: str = "megatron-vespo"
+    learner_nodes: int = 1
+    gpus_per_node: int = 8  # both components; 0 on a cluster without GPUs
+    # torchrun ranks per learner node; 0: one per GPU (required > 0 when gpus_per_node is 0).
+    ranks_per_node: int = 0
+    cpus_per_task: int = 8  # CPUs of each learner node's torchrun (shared by its ranks)
+    rollout_nodes: int = 1
+    # SGLang servers per fleet node; each gets gpus_per_node / servers_per_node GPUs (its TP group).
+    servers_per_node: int = 1
+    cpus_per_server: int = 8
+    # pyxis/enroot: every step runs in this image, with these mounts (`src:dst[,src:dst...]`).
+    container_image: Optional[str] = None
+    container_mounts: Optional[str] = None
+    # Verbatim sbatch options for both components, e.g. ("--exclusive", "--constraint=h100").
+    extra_sbatch: tuple[str, ...] = ()
+    # `NAME=VALUE` exported before any step starts; VALUE is shell text ($SCRATCH expands).
+    env: tuple[str, ...] = ()
+    # Each job's ports are port_base + (job id % port_slots) * 16, ... + 15: deterministic from the
+    # job id, so nothing is hard-coded, and distinct for jobs sharing a node.
+    port_base: int = 20000
+    port_slots: int = 2000
+    fleet_timeout_s: int = 1800  # how long the learners wait for the router and servers' /health
+
+    def __post_init__(self) -> None:
+        for name in ("learner_nodes", "rollout_nodes", "servers_per_node", "cpus_per_task",
+                     "cpus_per_server", "port_slots", "fleet_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "ranks_per_node"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.gpus_per_node == 0 and self.ranks_per_node == 0:
+            raise ValueError("ranks_per_node must be >= 1 when gpus_per_node is 0 (no GPU to count)")
+        if self.servers_per_node > MAX_SERVERS_PER_NODE:
+            raise ValueError(f"servers_per_node must be <= {MAX_SERVERS_PER_NODE} (ports per job), "
+                             f"got {self.servers_per_node}")
+        if self.gpus_per_node and self.gpus_per_node % self.servers_per_node:
+            raise ValueError(f"servers_per_node ({self.servers_per_node}) must divide gpus_per_node "
+                             f"({self.gpus_per_node}): every server gets an equal TP group")
+        if not _TIME_LIMIT.match(self.time_limit):
+            raise ValueError(f"time_limit={self.time_limit!r} is not a Slurm time "
+                             "(M, H:M:S, D-H, D-H:M:S)")
+        if not 1024 <= self.port_base or self.port_base + self.port_slots * PORTS_PER_JOB > 65536:
+            raise ValueError(f"port_base ({self.port_base}) + port_slots ({self.port_slots}) * "
+                             f"{PORTS_PER_JOB} must stay within 1024..65535")
+        for name in ("partition", "account", "qos", "job_name", "container_image", "container_mounts"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+                raise ValueError(f"{name}={value!r} must be a non-empty word without whitespace")
+        for line in self.extra_sbatch:
+            if not line.startswith("-") or "\n" in line:
+                raise ValueError(f"extra_sbatch: {line!r} is not one sbatch option (--name[=value])")
+        for item in self.env:
+            if not _ENV_NAME.match(item.partition("=")[0]) or "=" not in item or "\n" in item:
+                raise ValueError(f"env: {item!r} is not NAME=VALUE")
+
+    @property
+    def nproc_per_node(self) -> int:
+        """torchrun ranks on each learner node."""
+        return self.ranks_per_node or self.gpus_per_node
+
+    @property
+    def gpus_per_server(self) -> int:
+        """The TP group of each SGLang server (0 without GPUs)."""
+        return self.gpus_per_node // self.servers_per_node
