@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench slurm-local
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -15,7 +15,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/megatron-vespo demo
 
-test: install
+# Slurm 22.05 + munge from Debian for the local emulated cluster in tests/test_slurm.py; installed
+# only where it is missing and we are root (elsewhere those tests skip and say why).
+slurm-local:
+	@if ! command -v slurmctld >/dev/null && [ ! -x /usr/sbin/slurmctld ] && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq slurm-wlm slurmctld slurmd slurm-client munge >/dev/null; \
+	fi
+
+test: install slurm-local
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install

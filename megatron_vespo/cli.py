@@ -1,8 +1,12 @@
 """`megatron-vespo` command line.
 
-`train` trains the policy (for now offline, from a file of recorded rollouts); `demo` prints the
-configured kernel (phi table, mode, peak, variance-bound constant K) and what it does
-to increasingly stale batches next to naive sequence importance sampling.
+- `train CONFIG [KEY=VALUE ...]`: online RL: the SGLang fleet (started here, or attached to), the
+  megatron-core learners, MLflow tracking; `--resume` continues the run; `--rollouts FILE` trains
+  offline on recorded samples instead.
+- `serve CONFIG`: one node's share of a fleet (SGLang server, optionally the router), for Slurm.
+- `slurm submit CONFIG`: render the heterogeneous sbatch job from the config and submit it.
+- `demo`: the configured kernel (phi table, mode, peak, variance-bound constant K) and what it does
+  to increasingly stale batches next to naive sequence importance sampling.
 """
 
 from __future__ import annotations
@@ -69,24 +73,40 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if getattr(args, "run_dir", None):
+        overrides.append(f"train.output_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
 def train(args: argparse.Namespace) -> int:
     from .launch import run_ranks
-    from .learner.samples import read_samples
-    from .offline import train_offline_rank
 
-    config = load_config(args.config, args.overrides)
-    # Validate the whole file before any rank starts, so bad input is one clear error, not N tracebacks.
-    samples = read_samples(args.rollouts, vocab_size=config.model.vocab_size)
-    if config.algorithm.routing_replay == "R3":
-        missing = [s.sample_id for s in samples if s.routed_experts is None]
-        if missing:
-            raise ValueError(f"algorithm.routing_replay=R3 replays the engine's routes, but "
-                             f"{len(missing)} samples have no routed_experts (first: {missing[:3]})")
-    last = run_ranks(train_offline_rank, config.train.world_size, config, str(args.rollouts),
-                     args.resume)[0]
+    config = _load(args)
+    if args.rollouts:
+        from .learner.samples import read_samples
+        from .offline import train_offline_rank
+
+        # Validate the whole file before any rank starts: one clear error, not N tracebacks.
+        samples = read_samples(args.rollouts, vocab_size=config.model.vocab_size)
+        if config.algorithm.routing_replay == "R3":
+            missing = [s.sample_id for s in samples if s.routed_experts is None]
+            if missing:
+                raise ValueError(f"algorithm.routing_replay=R3 replays the engine's routes, but "
+                                 f"{len(missing)} samples have no routed_experts (first: {missing[:3]})")
+        last = run_ranks(train_offline_rank, config.train.world_size, config, str(args.rollouts),
+                         args.resume)[0]
+    else:
+        from .online import train_online_rank
+
+        if config.algorithm.routing_replay == "R3" and not config.rollout.fleet.server.enable_routed_experts:
+            raise ValueError("algorithm.routing_replay=R3 replays the engine's routes: set "
+                             "rollout.fleet.server.enable_routed_experts=true")
+        last = run_ranks(train_online_rank, config.train.world_size, config, args.resume)[0]
     if last:
         print(f"finished at policy version {int(last['policy_version'])}: loss {last['loss']:+.5f}, "
-              f"metrics in {config.train.output_dir}/metrics.jsonl")
+              f"reward {last.get('reward/mean', float('nan')):.3f}; run directory {config.train.output_dir}")
     return 0
 
 
@@ -100,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-seqs", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
-    t = sub.add_parser("train", help="train the policy (offline from recorded rollouts)")
+    t = sub.add_parser("train", help="train the policy: online with the SGLang fleet, or offline")
     t.add_argument("config", help="YAML config")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    t.add_argument("--rollouts", required=True,
-                   help="JSONL file of recorded samples (see megatron_vespo/learner/samples.py)")
+    t.add_argument("--rollouts", help="train offline on this JSONL file of recorded samples "
+                                      "(see megatron_vespo/learner/samples.py) instead of the fleet")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
     t.set_defaults(func=train)
     args = parser.parse_args(argv)
     try:

@@ -25,6 +25,10 @@ from .learner.model import ModelConfig, check_moe_layout
 from .learner.train_config import TrainConfig
 from .moe.replay import check_replay_mode
 from .parallel.layout import ParallelLayout
+from .rollout.source import RolloutConfig
+from .slurm.config import SlurmConfig
+from .tasks.registry import TaskConfig
+from .tracking.mlflow_run import TrackingConfig
 
 
 class ConfigError(ValueError):
@@ -79,6 +83,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         if self.train.world_size % (self.parallel.tp * self.parallel.pp * self.parallel.cp):
@@ -93,6 +101,16 @@ class Config:
                                self.algorithm.loss_settings(self.train.logprob_chunk_tokens))
         if self.train.heatmap_interval and not self.algorithm.routing_metrics:
             raise ValueError("train.heatmap_interval needs algorithm.routing_metrics=true")
+        n = self.rollout.n_samples_per_prompt
+        if self.train.mini_batch_size % n:
+            raise ValueError(f"rollout.n_samples_per_prompt ({n}) must divide the mini-batch "
+                             f"(train.rollout_batch_size / train.staleness = {self.train.mini_batch_size}): "
+                             f"a prompt's responses are one advantage group")
+        if self.rollout.fleet.server.enable_routed_experts and not self.model.is_moe:
+            raise ValueError("rollout.fleet.server.enable_routed_experts needs a MoE model.family")
+        if self.rollout.mode == "async" and self.train.staleness != 1:
+            raise ValueError("train.staleness must be 1 with rollout.mode=async (each step takes one "
+                             "mini-batch from the buffer; rollout.max_staleness bounds the lag)")
         if self.algorithm.routing_replay == "R2" and self.train.old_logprobs != "recompute":
             raise ValueError("algorithm.routing_replay=R2 replays the routes of the old-policy "
                              "forward: it needs train.old_logprobs=recompute")
@@ -108,6 +126,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _coerce(inner, value, key)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
+    if origin is tuple:  # tuple[X, ...]: a YAML list (or one value, taken as a list of one)
+        (inner, _) = typing.get_args(tp)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(inner, v, f"{key}[{k}]") for k, v in enumerate(items))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")

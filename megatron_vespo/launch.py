@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -93,8 +94,16 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 3
         for p in procs:
             p.start()
         try:
-            for p in procs:
-                p.join(timeout)
+            try:
+                for p in procs:
+                    p.join(timeout)
+            except KeyboardInterrupt:
+                # The ranks got the same SIGINT (one process group): they stop at their next
+                # iteration boundary with a checkpoint. Wait for that; a second Ctrl-C kills them.
+                print("[megatron-vespo] waiting for the ranks to checkpoint and stop (Ctrl-C again "
+                      "to kill them)", file=sys.stderr, flush=True)
+                for p in procs:
+                    p.join(timeout)
         finally:
             for p in procs:
                 if p.is_alive():

@@ -29,13 +29,16 @@ class TrainConfig:
     # Optimizer steps between expert-load heat-maps (output_dir/routing/step_XXXXXXXX.png; needs
     # algorithm.routing_metrics); 0: never.
     heatmap_interval: int = 0
+    # Optimizer steps between held-out evaluations (online training; greedy, one response per
+    # eval prompt); 0: never.
+    eval_interval: int = 0
 
     def __post_init__(self) -> None:
         for name in ("rollout_batch_size", "staleness", "micro_batch_size", "epochs",
                      "logprob_chunk_tokens", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_interval", "heatmap_interval"):
+        for name in ("max_steps", "save_interval", "heatmap_interval", "eval_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.rollout_batch_size % self.staleness:

@@ -155,6 +155,10 @@ class StalenessBuffer:
 
     # -- observation ---------------------------------------------------------------------------
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def running(self) -> int:
         with self._cond:
             return self._running

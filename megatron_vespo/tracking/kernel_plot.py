@@ -52,7 +52,8 @@ def write_kernel_plot(constants: KernelConstants, path: str | os.PathLike,
     ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlim(0.0, w_max)
-    ax.set_ylim(bottom=0.0)
+    peaks = [kernel_peak(c1, c2) for c1, c2, _ in curves.values()]
+    ax.set_ylim(0.0, 1.3 * max(peaks + [1.0]))  # headroom for the mode annotations
     ax.set_xlabel("sequence importance weight W = pi / mu")
     ax.set_ylabel("phi(W)")
     ax.set_title("VESPO kernel phi(W) = W^c1 exp(c2 (1 - W))")

@@ -1,0 +1,321 @@
+"""Batched generation through the fleet's router: n samples per prompt, with per-token engine
+log-probs, weight versions and (MoE) routed experts, surviving the loss of servers mid-batch.
+
+One prompt group is one `/generate` request with `sampling_params.n = n`, so a group is always served
+by one server, whole. A request that fails (connection error, HTTP 5xx, timeout, or an aborted
+sample) makes the fleet re-check its servers (dead ones leave the router) and is re-sent whole, up
+to `max_retries` times. Results are keyed by (group_id, sample_index): every prompt yields exactly n
+samples, exactly once, or the batch fails with an error that says why.
+
+What sglang 0.5.23 returns (token-in/token-out, `return_logprob: true`), as measured:
+- n > 1: a JSON list of n results; n = 1: a single result object.
+- each result: `output_ids` (the response, a matched stop token included) and `meta_info` with
+  `finish_reason` ({"type": "length", "length": k} | {"type": "stop", "matched": id} |
+  {"type": "abort", "message": ...}), `output_token_logprobs` ([logprob, token_id, text] per
+  output token), `weight_version` (the version at the end) and `weight_versions` (spans
+  {"version", "start", "end"} over output positions), and `routed_experts` when asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import aiohttp
+import numpy as np
+from tqdm import tqdm
+
+from megatron_vespo.rollout.fleet import Fleet
+from megatron_vespo.rollout.routed_experts import decode_routed_experts
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    """A group could not be generated (retries exhausted, a client-side error, an invalid answer)."""
+
+
+class _Retriable(Exception):
+    """A failure that another server may not have: the group is re-sent."""
+
+
+class _InvalidAnswer(Exception):
+    """The server answered, but not with n well-formed samples."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Per-request sampling (the `rollout.sampling` config section); top_k -1 = no top-k cut."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
+
+    def sglang_params(self, n: int) -> dict:
+        return {"n": n, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "stop_token_ids": list(self.stop_token_ids)}
+
+
+@dataclass
+class PromptRequest:
+    """One prompt to sample n responses for; metadata rides along to every Generation."""
+
+    group_id: int
+    prompt_ids: list[int]
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WeightSpan:
+    """Response positions [start, end) were generated with weight version `version`."""
+
+    version: int
+    start: int
+    end: int
+
+
+@dataclass
+class Generation:
+    """One sampled response. engine_logprobs[i] is log p(response_ids[i]) under the engine;
+    routed_experts is int32 [len(prompt_ids) + len(response_ids) - 1, num_moe_layers, top_k]."""
+
+    group_id: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    engine_logprobs: list[float]
+    routed_experts: Optional[np.ndarray]
+    weight_version: int  # the version the sample started with (weight_versions[0].version)
+    weight_versions: list[WeightSpan]
+    finish_reason: str  # "length" | "stop"
+    latency_s: float  # wall time of the request that produced the group
+    metadata: dict
+
+
+@dataclass
+class RolloutStats:
+    """Counters of the latest `generate` call (and any `generate_group` calls since)."""
+
+    groups: int = 0
+    samples: int = 0
+    tokens_generated: int = 0
+    wall_time_s: float = 0.0
+    requests_sent: int = 0
+    requests_retried: int = 0
+    groups_skipped: int = 0
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_generated / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat numbers for a metrics logger."""
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+def parse_weight_version(version: Any) -> int:
+    """sglang's weight version string -> int; "default" (weights loaded at start-up) is 0."""
+    if version == "default":
+        return 0
+    try:
+        return int(version)
+    except (TypeError, ValueError):
+        raise RolloutError(f"weight version {version!r} is not an integer (set integer versions when "
+                           f"updating weights)") from None
+
+
+class RolloutClient:
+    """Generates n samples per prompt through `fleet`'s router. `max_in_flight` bounds the number
+    of concurrent group requests; `on_invalid` is "raise" (default) or "skip" for answers with
+    non-finite log-probs or misaligned lengths ("skip" drops the whole group, logged and counted)."""
+
+    def __init__(self, fleet: Fleet, sampling: SamplingOptions, n: int = 1, return_routed_experts: bool = False,
+                 num_moe_layers: int = 0, max_in_flight: int = 64, on_invalid: str = "raise"):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if return_routed_experts and num_moe_layers < 1:
+            raise ValueError(f"num_moe_layers must be >= 1 with return_routed_experts, got {num_moe_layers}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if on_invalid not in ("raise", "skip"):
+            raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
+        self.fleet = fleet
+        self.sampling = sampling
+        self.n = n
+        self.return_routed_experts = return_routed_experts
+        self.num_moe_layers = num_moe_layers
+        self.max_in_flight = max_in_flight
+        self.on_invalid = on_invalid
+        self.stats = RolloutStats()
+        self._health_lock: Optional[asyncio.Lock] = None
+
+    def _payload(self, prompt: PromptRequest) -> dict:
+        payload = {"input_ids": list(prompt.prompt_ids), "sampling_params": self.sampling.sglang_params(self.n),
+                   "return_logprob": True}
+        if self.return_routed_experts:
+            payload["return_routed_experts"] = True
+        return payload
+
+    async def _post(self, session: aiohttp.ClientSession, payload: dict) -> tuple[Any, float]:
+        """One /generate call -> (decoded body, seconds). _Retriable for what a healthy server
+        would not do; RolloutError for a request the server rejects (4xx: resending cannot help)."""
+        url = self.fleet.router_url + "/generate"
+        timeout = aiohttp.ClientTimeout(total=self.fleet.cfg.request_timeout_s)
+        start = time.perf_counter()
+        self.stats.requests_sent += 1
+        self.stats.in_flight += 1
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
+        try:
+            async with session.post(url, json=payload, timeout=timeout) as r:
+                text = await r.text()
+                if r.status >= 500:
+                    raise _Retriable(f"HTTP {r.status} from {url}: {text[:300]}")
+                if r.status != 200:
+                    raise RolloutError(f"HTTP {r.status} from {url}: {text[:500]}")
+                return await r.json(content_type=None), time.perf_counter() - start
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise _Retriable(f"{type(e).__name__} from {url}: {e}") from None
+        finally:
+            self.stats.in_flight -= 1
+
+    async def _check_health(self) -> None:
+        """fleet.check_health off the event loop, one at a time (a dying server fails many
+        requests at once; each waits for the same check instead of probing in parallel)."""
+        if self._health_lock is None:
+            self._health_lock = asyncio.Lock()
+        async with self._health_lock:
+            removed = await asyncio.to_thread(self.fleet.check_health)
+        if removed:
+            logger.warning("removed dead rollout servers %s; %d left", removed, len(self.fleet.worker_urls))
+
+    async def generate_group(self, session: aiohttp.ClientSession, prompt: PromptRequest) -> list[Generation]:
+        """n samples for one prompt (one request), re-sent whole on a retriable failure; [] if the
+        answer was invalid and on_invalid is "skip"."""
+        retries = self.fleet.cfg.max_retries
+        for attempt in range(retries + 1):
+            try:
+                body, latency = await self._post(session, self._payload(prompt))
+                gens = self._parse(prompt, body, latency)
+            except _Retriable as e:
+                if attempt == retries:
+                    raise RolloutError(f"group {prompt.group_id}: failed {retries + 1} times; last: {e}") from None
+                self.stats.requests_retried += 1
+                logger.warning("group %d: %s; checking the fleet, retry %d/%d", prompt.group_id, e,
+                               attempt + 1, retries)
+                await self._check_health()
+                await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0))  # a transient error gets time to pass
+                continue
+            except _InvalidAnswer as e:
+                if self.on_invalid == "raise":
+                    raise RolloutError(f"group {prompt.group_id}: invalid answer: {e}") from None
+                logger.warning("group %d: invalid answer, group skipped: %s", prompt.group_id, e)
+                self.stats.groups_skipped += 1
+                return []
+            self.stats.groups += 1
+            self.stats.samples += len(gens)
+            self.stats.tokens_generated += sum(len(g.response_ids) for g in gens)
+            return gens
+        raise AssertionError("unreachable")
+
+    def _parse(self, prompt: PromptRequest, body: Any, latency: float) -> list[Generation]:
+        results = body if isinstance(body, list) else [body]
+        if len(results) != self.n:
+            raise _InvalidAnswer(f"{len(results)} results for n={self.n}")
+        return [self._parse_one(prompt, i, r, latency) for i, r in enumerate(results)]
+
+    def _parse_one(self, prompt: PromptRequest, index: int, result: dict, latency: float) -> Generation:
+        meta = result["meta_info"]
+        finish = meta["finish_reason"]["type"]
+        if finish == "abort":  # the server dropped it (shutdown, pause in abort mode, overload)
+            raise _Retriable(f"sample {index} aborted: {meta['finish_reason'].get('message', '')}")
+        response = list(result["output_ids"])
+        logprob_rows = meta["output_token_logprobs"]
+        if len(logprob_rows) != len(response):
+            raise _InvalidAnswer(f"sample {index}: {len(response)} output ids but {len(logprob_rows)} log-probs")
+        if [row[1] for row in logprob_rows] != response:
+            raise _InvalidAnswer(f"sample {index}: log-prob token ids do not match output_ids")
+        logprobs = [row[0] for row in logprob_rows]
+        if not all(lp is not None and math.isfinite(lp) for lp in logprobs):
+            raise _InvalidAnswer(f"sample {index}: non-finite log-prob in {logprobs}")
+        routed = None
+        if self.return_routed_experts:
+            if "routed_experts" not in meta:
+                raise RolloutError("routed experts were requested but the server did not return them: "
+                                   "start the servers with ServerOptions(enable_routed_experts=True) "
+                                   "(--enable-return-routed-experts)")
+            routed = decode_routed_experts(meta["routed_experts"], len(prompt.prompt_ids) + len(response) - 1,
+                                           self.num_moe_layers)
+        spans = [WeightSpan(parse_weight_version(s["version"]), s["start"], s["end"])
+                 for s in meta.get("weight_versions") or []]
+        if not spans:  # sglang leaves the spans out when the version is not tracked per token
+            version = parse_weight_version(meta["weight_version"])
+            spans = [WeightSpan(version, 0, len(response))]
+        return Generation(prompt.group_id, index, list(prompt.prompt_ids), response, logprobs, routed,
+                          spans[0].version, spans, finish, latency, dict(prompt.metadata))
+
+    async def generate(self, prompts: Sequence[PromptRequest], progress: bool = True) -> list[Generation]:
+        """n samples for every prompt, groups concurrently (at most max_in_flight requests), sorted
+        by (group_id, sample_index). Ends with a fleet health check so that a server that died during
+        the batch (even if the router's own retries hid it) is out before the next one."""
+        ids = [p.group_id for p in prompts]
+        if len(set(ids)) != len(ids):
+            raise ValueError("group_id must be unique within a batch")
+        self.stats = RolloutStats()
+        self._health_lock = asyncio.Lock()  # bound to this call's event loop
+        gate = asyncio.Semaphore(self.max_in_flight)
+        results: dict[tuple[int, int], Generation] = {}
+        start = time.perf_counter()
+
+        async def one(session: aiohttp.ClientSession, prompt: PromptRequest) -> list[Generation]:
+            async with gate:
+                return await self.generate_group(session, prompt)
+
+        connector = aiohttp.TCPConnector(limit=self.max_in_flight)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            tasks = [asyncio.create_task(one(session, p)) for p in prompts]
+            try:
+                with tqdm(total=len(prompts), desc="rollout", unit="group", disable=not progress) as bar:
+                    for done in asyncio.as_completed(tasks):
+                        for g in await done:
+                            key = (g.group_id, g.sample_index)
+                            if key in results:
+                                raise RolloutError(f"sample {key} generated twice")
+                            results[key] = g
+                        self.stats.wall_time_s = time.perf_counter() - start
+                        bar.update(1)
+                        bar.set_postfix(tok_s=f"{self.stats.tokens_per_s:.0f}", retried=self.stats.requests_retried)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        self.stats.wall_time_s = time.perf_counter() - start
+        await self._check_health()
+        expected = self.n * (len(prompts) - self.stats.groups_skipped)
+        if len(results) != expected:
+            raise RolloutError(f"{len(results)} samples for {len(prompts)} prompts x n={self.n} "
+                               f"({self.stats.groups_skipped} groups skipped)")
+        return [results[k] for k in sorted(results)]
+
+    def generate_batch(self, prompts: Sequence[PromptRequest], progress: bool = True) -> list[Generation]:
+        """`generate` from synchronous code (starts and closes its own event loop)."""
+        return asyncio.run(self.generate(prompts, progress))

@@ -1,0 +1,227 @@
+"""Where the trainer's samples come from: prompts -> fleet -> rewarded, version-stamped Samples.
+
+Two modes (`rollout.mode`):
+- sync: one rollout batch of N x mini-batch samples per weight version, generated while the learners
+  wait, then consumed as N mini-batches (the paper's staleness N).
+- async: a producer thread keeps the fleet busy while the learners train; the staleness buffer's
+  admission control keeps every trained sample within `max_staleness` versions of the policy.
+  A group whose tokens span a weight update (a partial rollout) is kept as generated ("finish": the
+  engine log-probs are those of the policies that really sampled each token) or dropped and its
+  prompt generated again ("drop").
+
+Only rank 0 of the learners owns a RolloutSource; the loop broadcasts what it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import aiohttp
+
+from ..learner.samples import Sample
+from .buffer import BufferClosed, StalenessBuffer
+from .client import Generation, PromptRequest, RolloutClient, SamplingOptions
+from .fleet import FleetConfig
+
+logger = logging.getLogger(__name__)
+
+MODES = ("sync", "async")
+PARTIAL_ROLLOUT = ("finish", "drop")
+WEIGHT_SYNC = ("disk", "distributed")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The `rollout:` config section."""
+
+    mode: str = "sync"
+    n_samples_per_prompt: int = 4  # responses per prompt: one advantage group
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    max_in_flight: int = 64  # concurrent group requests
+    # async mode only
+    max_staleness: int = 1  # versions a trained sample may lag the policy
+    partial_rollout: str = "finish"
+    sync_interval: int = 1  # optimizer steps between weight syncs (sync mode: every rollout batch)
+    # how weights reach the fleet: disk (HF export + /update_weights_from_disk) or distributed
+    # (bucketed broadcast from learner rank 0; NCCL on GPUs, gloo on CPU)
+    weight_sync: str = "disk"
+    weight_bucket_mb: int = 512
+    on_invalid: str = "skip"  # a group with non-finite/misaligned log-probs: skip (counted) or raise
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", MODES), ("partial_rollout", PARTIAL_ROLLOUT),
+                              ("weight_sync", WEIGHT_SYNC), ("on_invalid", ("skip", "raise"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {list(allowed)}")
+        for name in ("n_samples_per_prompt", "max_in_flight", "sync_interval", "weight_bucket_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+
+
+def to_samples(gens: Sequence[Generation], reward: Callable[[dict, list[int]], float]) -> list[Sample]:
+    """Rewarded Samples from one or more groups of generations (order kept)."""
+    out = []
+    for g in gens:
+        out.append(Sample(
+            sample_id=f"{g.group_id}-{g.sample_index}", group_id=g.group_id, prompt_ids=g.prompt_ids,
+            response_ids=g.response_ids, reward=float(reward(g.metadata, g.response_ids)),
+            engine_logprobs=g.engine_logprobs, policy_version=g.weight_version,
+            routed_experts=None if g.routed_experts is None else g.routed_experts.tolist(),
+            metadata={**g.metadata, "finish_reason": g.finish_reason, "latency_s": g.latency_s,
+                      "weight_versions": [[s.version, s.start, s.end] for s in g.weight_versions]}))
+    return out
+
+
+def _requests(prompts: Iterator, count: int) -> list[PromptRequest]:
+    return [PromptRequest(p.group_id, list(p.prompt_ids), dict(p.metadata))
+            for p in itertools.islice(prompts, count)]
+
+
+class RolloutSource:
+    """Rank 0's view of rollout: a client on the fleet, the task's prompts and reward."""
+
+    def __init__(self, cfg: RolloutConfig, client: RolloutClient, prompts: Iterator,
+                 reward: Callable[[dict, list[int]], float], prompts_per_step: int):
+        self.cfg = cfg
+        self.client = client
+        self.prompts = prompts
+        self.reward = reward
+        self.prompts_per_step = prompts_per_step
+        self.buffer: Optional[StalenessBuffer] = None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._retry: list[PromptRequest] = []  # prompts of dropped partial rollouts, served first
+        self._dropped_partial = 0
+        self._tokens = 0
+        self._since = time.perf_counter()
+
+    # -- synchronous mode ------------------------------------------------------------------------
+    def rollout_batch(self, num_prompts: int) -> tuple[list[Sample], dict[str, float]]:
+        """Generate n responses for the next `num_prompts` prompts; returns samples + metrics."""
+        gens = self.client.generate_batch(_requests(self.prompts, num_prompts))
+        stats = self.client.stats
+        return to_samples(gens, self.reward), {
+            "rollout/tokens_per_s": stats.tokens_per_s, "rollout/tokens": float(stats.tokens_generated),
+            "rollout/seconds": stats.wall_time_s, "rollout/requests_retried": float(stats.requests_retried),
+            "rollout/groups_skipped": float(stats.groups_skipped)}
+
+    def evaluate(self, prompts: Sequence, max_new_tokens: Optional[int] = None) -> dict[str, float]:
+        """Greedy (temperature 0), one response per held-out prompt: mean reward and length."""
+        sampling = SamplingOptions(
+            max_new_tokens=max_new_tokens or self.cfg.sampling.max_new_tokens, temperature=0.0,
+            stop_token_ids=self.cfg.sampling.stop_token_ids)
+        client = RolloutClient(self.client.fleet, sampling, n=1, max_in_flight=self.cfg.max_in_flight,
+                               on_invalid="skip")
+        gens = client.generate_batch(_requests(iter(prompts), len(prompts)), progress=False)
+        samples = to_samples(gens, self.reward)
+        n = max(len(samples), 1)
+        return {"eval/reward": sum(s.reward for s in samples) / n,
+                "eval/response_tokens": sum(len(s.response_ids) for s in samples) / n,
+                "eval/prompts": float(len(samples))}
+
+    # -- fully asynchronous mode -----------------------------------------------------------------
+    def start(self, version: int) -> None:
+        """Start the producer thread (async mode); the buffer starts at policy `version`."""
+        self.buffer = StalenessBuffer(self.prompts_per_step, self.cfg.max_staleness)
+        self.buffer.version = version
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._produce()), name="rollout",
+                                        daemon=True)
+        self._thread.start()
+
+    def _next_prompt(self) -> PromptRequest:
+        if self._retry:
+            return self._retry.pop(0)
+        return _requests(self.prompts, 1)[0]
+
+    async def _produce(self) -> None:
+        buffer = self.buffer
+        running: set[asyncio.Task] = set()
+        connector = aiohttp.TCPConnector(limit=self.cfg.max_in_flight)
+        try:
+            async with aiohttp.ClientSession(connector=connector) as session:
+                while True:
+                    version = await asyncio.to_thread(buffer.wait_admit, 0.5)
+                    if version is None:
+                        if self._error is not None or buffer.closed:
+                            break
+                        continue
+                    task = asyncio.create_task(self._one(session, self._next_prompt(), version))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+        except BaseException as e:  # noqa: BLE001 - handed to the trainer, which re-raises it
+            self._error = self._error or e
+            buffer.close()
+        finally:
+            for t in running:
+                t.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _one(self, session: aiohttp.ClientSession, prompt: PromptRequest, version: int) -> None:
+        buffer = self.buffer
+        try:
+            gens = await self.client.generate_group(session, prompt)
+        except asyncio.CancelledError:
+            buffer.release()
+            raise
+        except BaseException as e:  # noqa: BLE001 - a dead fleet ends training with its error
+            buffer.release()
+            self._error = self._error or e
+            buffer.close()
+            return
+        if not gens:  # an invalid answer, skipped and counted by the client
+            buffer.release()
+            return
+        if self.cfg.partial_rollout == "drop" and any(len(g.weight_versions) > 1 for g in gens):
+            self._dropped_partial += 1
+            self._retry.append(prompt)
+            buffer.release()
+            return
+        self._tokens += sum(len(g.response_ids) for g in gens)
+        # The behaviour policy is the oldest weights that sampled any of the group's tokens.
+        started = min(version, *(g.weight_version for g in gens))
+        buffer.accept(to_samples(gens, self.reward), started)
+
+    def take(self) -> tuple[list[Sample], dict[str, float]]:
+        """The next step's samples (async mode) and rollout metrics, including the lag histogram."""
+        buffer = self.buffer
+        before = Counter(buffer.stats.lag_histogram)
+        try:
+            groups = buffer.take()
+        except BufferClosed:
+            raise self._error or RuntimeError("the rollout producer stopped") from None
+        samples = [s for g in groups for s in g.samples]
+        lags = [buffer.version - g.version for g in groups]
+        now = time.perf_counter()
+        metrics = {"rollout/tokens_per_s": self._tokens / max(now - self._since, 1e-9),
+                   "rollout/queue_depth": float(buffer.queue_depth),
+                   "rollout/running_groups": float(buffer.running),
+                   "rollout/dropped_partial": float(self._dropped_partial),
+                   "rollout/dropped_stale": float(buffer.stats.dropped_stale),
+                   "rollout/requests_retried": float(self.client.stats.requests_retried),
+                   "staleness/lag_mean": sum(lags) / len(lags), "staleness/lag_max": float(max(lags))}
+        step_hist = buffer.stats.lag_histogram - before
+        metrics.update({f"staleness/lag_hist/{lag}": float(step_hist.get(lag, 0))
+                        for lag in range(self.cfg.max_staleness + 1)})
+        self._tokens, self._since = 0, now
+        return samples, metrics
+
+    def advance(self) -> None:
+        """The learners took an optimizer step."""
+        self.buffer.advance()
+
+    def stop(self) -> None:
+        """End the producer (async mode); in-flight requests are cancelled."""
+        if self.buffer is not None:
+            self.buffer.close()
+        if self._thread is not None:
+            self._thread.join(30)

@@ -1,0 +1,177 @@
+"""A fleet of real SGLang servers (CPU) behind the sglang-router, and the rollout client on it.
+
+One module-scoped fleet of two servers serving a tiny dense Qwen3 (built here, no downloads), started
+concurrently (start-up dominates: ~40-60 s). The router runs with its own retries off so that the
+kill test exercises the client's retry path, not the router's. The kill test destroys a server, so
+it runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import pytest
+import torch
+import transformers
+
+from megatron_vespo.rollout.client import (PromptRequest, RolloutClient, RolloutError, SamplingOptions)
+from megatron_vespo.rollout.fleet import Fleet, FleetConfig, FleetError
+from megatron_vespo.rollout.router import RouterClient
+from megatron_vespo.rollout.server import ServerOptions
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 128
+STOP = 5
+BASE_PORT, ROUTER_PORT = 32010, 32000
+DEAD_URL = "http://127.0.0.1:32999"  # nothing listens there
+# sglang sizes its KV cache from free host memory on CPU (~17 GB here); a tiny model needs little.
+SERVER = ServerOptions(extra_args=("--max-total-tokens", "8192"))
+
+
+def make_model(directory) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   tie_word_embeddings=False, max_position_embeddings=512)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(directory)
+
+
+def prompts(count: int, start: int = 0) -> list[PromptRequest]:
+    return [PromptRequest(g, [1 + g % 100, 7, 3 + g % 11, 9], {"source": f"p{g}"})
+            for g in range(start, start + count)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen3_tiny")
+    make_model(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dir, tmp_path_factory):
+    cfg = FleetConfig(num_servers=2, base_port=BASE_PORT, router_port=ROUTER_PORT, server=SERVER,
+                      router_extra_args=("--disable-retries",), request_timeout_s=120.0, max_retries=3)
+    with Fleet.launch(str(model_dir), cfg, tmp_path_factory.mktemp("fleet_logs")) as f:
+        yield f
+
+
+def test_fleet_lists_both_servers_healthy(fleet):
+    listed = {w.url: w.healthy for w in fleet.router.workers()}
+    assert listed == {s.url: True for s in fleet.servers}
+    assert fleet.worker_urls == [s.url for s in fleet.servers]
+    assert fleet.check_health() == []
+
+
+def test_generation_has_n_samples_with_logprobs_and_version(fleet, model_dir):
+    n, max_new = 4, 12
+    client = RolloutClient(fleet, SamplingOptions(max_new_tokens=max_new, stop_token_ids=(STOP,)), n=n)
+    batch = prompts(6)
+    gens = client.generate_batch(batch, progress=False)
+
+    assert [(g.group_id, g.sample_index) for g in gens] == [(p.group_id, i) for p in batch for i in range(n)]
+    for g in gens:
+        assert 1 <= len(g.response_ids) <= max_new
+        assert len(g.engine_logprobs) == len(g.response_ids)
+        assert all(math.isfinite(lp) and lp <= 0 for lp in g.engine_logprobs)
+        assert g.weight_version == 0 and g.weight_versions[0].start == 0
+        assert g.weight_versions[-1].end == len(g.response_ids)
+        assert g.metadata == {"source": f"p{g.group_id}"} and g.routed_experts is None
+        if g.finish_reason == "stop":
+            assert g.response_ids[-1] == STOP
+        else:
+            assert g.finish_reason == "length" and len(g.response_ids) == max_new
+    assert client.stats.samples == len(gens) and client.stats.tokens_generated == sum(
+        len(g.response_ids) for g in gens)
+    assert client.stats.requests_retried == 0 and client.stats.tokens_per_s > 0
+
+    # The engine log-probs are those of the sampled tokens: a transformers forward agrees.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for g in gens[:4]:
+        ids = torch.tensor([g.prompt_ids + g.response_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
+        ref = logp[len(g.prompt_ids) - 1:].gather(-1, ids[0, len(g.prompt_ids):, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(g.engine_logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
+
+
+def test_routed_experts_requested_from_dense_server_is_an_error(fleet):
+    client = RolloutClient(fleet, SamplingOptions(max_new_tokens=2), n=1, return_routed_experts=True,
+                           num_moe_layers=2)
+    with pytest.raises(RolloutError, match="routed experts were requested"):
+        client.generate_batch(prompts(1), progress=False)
+
+
+def test_no_healthy_server_is_a_fleet_error(fleet):
+    # A live router whose only member is dead.
+    orphan = Fleet(fleet.cfg, RouterClient(fleet.router_url), [DEAD_URL])
+    with pytest.raises(FleetError, match="no healthy rollout server left"):
+        orphan.check_health()
+    assert orphan.worker_urls == []
+    # A router that is gone: requests fail, the health check names it.
+    gone = Fleet(FleetConfig(max_retries=1), RouterClient(DEAD_URL), [DEAD_URL])
+    with pytest.raises(FleetError, match=f"router {DEAD_URL} is not answering"):
+        RolloutClient(gone, SamplingOptions(max_new_tokens=2)).generate_batch(prompts(2), progress=False)
+    with pytest.raises(FleetError, match="cannot attach"):
+        Fleet.attach(FleetConfig(attach_router_url=DEAD_URL))
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(num_servers=0), "num_servers"),
+    (dict(base_port=70000), "base_port"),
+    (dict(router_port=-1), "router_port"),
+    (dict(base_port=32010, num_servers=2, router_port=32011), "router_port"),
+    (dict(attach_router_url="127.0.0.1:1"), "attach_router_url"),
+    (dict(attach_router_url="http://h:1", attach_worker_urls=("h:2",)), "attach_worker_urls"),
+    (dict(attach_worker_urls=("http://h:2",)), "attach_worker_urls"),
+    (dict(router_policy="fastest"), "router_policy"),
+    (dict(request_timeout_s=0), "request_timeout_s"),
+    (dict(max_retries=-1), "max_retries"),
+])
+def test_fleet_config_errors_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        FleetConfig(**changes)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(stop_token_ids=(-2,)), "stop_token_ids"),
+])
+def test_sampling_options_errors_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingOptions(**changes)
+
+
+def test_killing_a_server_mid_batch_loses_and_duplicates_nothing(fleet, caplog):
+    """Runs last: SIGKILLs one of the two servers once a third of the groups are done."""
+    n, count = 3, 24
+    victim, survivor = fleet.servers
+    client = RolloutClient(fleet, SamplingOptions(max_new_tokens=24), n=n, max_in_flight=4)
+
+    async def run():
+        async def killer():
+            while client.stats.groups < count // 3:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(victim.kill)
+
+        kill = asyncio.create_task(killer())
+        gens = await client.generate(prompts(count, start=100), progress=False)
+        await kill
+        return gens
+
+    with caplog.at_level(logging.WARNING):
+        gens = asyncio.run(run())
+
+    assert not victim.alive
+    keys = [(g.group_id, g.sample_index) for g in gens]
+    assert sorted(keys) == [(100 + g, i) for g in range(count) for i in range(n)]  # each exactly once
+    assert client.stats.requests_retried >= 1
+    assert fleet.worker_urls == [survivor.url]
+    assert [w.url for w in fleet.router.workers()] == [survivor.url]
+    assert any(victim.url in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

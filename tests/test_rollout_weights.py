@@ -1,0 +1,311 @@
+"""Real SGLang servers serve the weights the megatron learner holds, before and after a weight sync.
+
+Tiny Qwen3 (dense, learner TP=2) and Qwen3-MoE (learner EP=2) models are randomly initialised by
+the learner and exported with `export_model_to_hf`; servers start from those directories. One
+spawn of two learner ranks per model then runs the whole story, phase by phase:
+
+  phase 0: initial weights; 1: after one optimizer step and `DiskWeightSync`; 2 and 3: after one
+  more step each and `DistributedWeightSync` (gloo; the update group made once and reused).
+
+In every phase rank 0 samples responses from each server (`/generate` with log-probs, the MoE server
+also returning routed experts) and scores the phase-0 sequences teacher-forced; the learner computes
+its own log-probs of the same tokens (`recompute_old_logprobs`, routes captured with
+`RouterCapture`). The tests below assert on what that run recorded.
+
+Servers use ports 33000-33999; learner process groups and the update group take free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_vespo.rollout.server import ServerOptions, SGLangServer, post_json, weight_version
+from tests.distributed import run_ranks
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("sglang")
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_moe_cpu.yaml"
+COMMON = ["train.world_size=2", "train.seed=11", "optim.lr=0.01", "model.tie_word_embeddings=false"]
+MODELS = {
+    "dense": COMMON + ["model.family=qwen3", "model.num_experts=0", "model.intermediate_size=128",
+                       "parallel.tp=2"],
+    "moe": COMMON + ["parallel.ep=2"],
+}
+SERVERS = {"dense": 2, "moe": 1}  # the dense fleet has two servers: every sync must reach both
+# sglang sizes the KV cache to ~70% of free memory on CPU; three servers at once would not fit.
+SERVER_ARGS = ("--max-total-tokens", "4096")
+PROMPTS = [[5, 17, 33, 2, 101, 7], [250, 3, 3, 9], [64, 128, 1, 200, 45, 6, 77, 12], [8, 8, 90]]
+RESPONSE_TOKENS = 6
+LOGPROB_TOL = 1e-4
+PHASES = ("initial", "disk", "distributed", "distributed again")
+
+
+def _config(name: str, init_dir=None):
+    from megatron_vespo.config import load_config
+
+    extra = [f"train.init_hf_checkpoint={init_dir}"] if init_dir else []
+    return load_config(CONFIG, MODELS[name] + extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# Learner ranks
+# ------------------------------------------------------------------------------------------------
+
+
+def export_worker(rank, world_size, jobs):
+    """Randomly initialised learners (one per model), each exported as a HF directory."""
+    from megatron_vespo.learner.hf_convert import export_model_to_hf
+    from megatron_vespo.offline import build_learner
+
+    for name, directory in jobs:
+        config = _config(name)
+        learner = build_learner(config)
+        export_model_to_hf(directory, [c.module for c in learner.chunks], config.model,
+                           config.parallel)
+
+
+def _generate(url, prompt, routed):
+    out = post_json(url, "/generate", {
+        "input_ids": prompt, "return_logprob": True, "return_routed_experts": routed,
+        "sampling_params": {"max_new_tokens": RESPONSE_TOKENS, "temperature": 1.0,
+                            "ignore_eos": True}})
+    meta = out["meta_info"]
+    return dict(response=[t for _, t, _ in meta["output_token_logprobs"]],
+                logprobs=[lp for lp, _, _ in meta["output_token_logprobs"]],
+                version=meta["weight_version"], routed=meta.get("routed_experts"))
+
+
+def _score(url, prompt, response):
+    """The served log-probs of a fixed response, teacher-forced (the prompt's tokens are input)."""
+    out = post_json(url, "/generate", {
+        "input_ids": prompt + response, "return_logprob": True, "logprob_start_len": len(prompt) - 1,
+        "sampling_params": {"max_new_tokens": 1, "temperature": 1.0}})
+    # sglang gives no log-prob (None) for the token at logprob_start_len itself: start one early.
+    return [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]]
+
+
+def _learner_view(learner, sequences, moe):
+    """Per (prompt, response): the learner's log-probs of the response [R] and, for MoE, the
+    megatron router's top-k experts of every token but the last [P + R - 1, layers, k].
+    Collective; each DP rank computes its share, every rank returns all of them."""
+    import torch.distributed as dist
+
+    from megatron_vespo.learner.batching import rank_micro_batches
+    from megatron_vespo.learner.samples import Sample
+    from megatron_vespo.moe.capture import RouterCapture
+    from megatron_vespo.parallel.packing import split_evenly
+
+    samples = [Sample(str(i), 0, p, r, 0.0, [0.0] * len(r)) for i, (p, r) in enumerate(sequences)]
+    g = learner.groups
+    batches = rank_micro_batches(samples, torch.zeros(len(samples)), dp_rank=g.dp_rank,
+                                 dp_size=g.dp_size, micro_batch_size=1, pad_multiple=1,
+                                 uniform_length=True)
+    with RouterCapture(learner.chunks) as cap:
+        batches = learner.recompute_old_logprobs(batches)
+    local = {}
+    for j, (i, batch) in enumerate(zip(split_evenly(len(samples), g.dp_size)[g.dp_rank], batches)):
+        entry = {"logprobs": batch.old_logp[batch.loss_mask].tolist()}
+        if moe:  # one sequence per micro-batch: router order is position order
+            entry["experts"] = cap.stacked(j)[0][:samples[i].num_tokens - 1].numpy()
+        local[i] = entry
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    merged = {i: e for part in everyone for i, e in part.items()}
+    return [merged[i] for i in range(len(samples))]
+
+
+def _train_step(learner, sequences):
+    """One optimizer step on the sequences (rewards alternate, so advantages are non-zero)."""
+    from megatron_vespo.learner.batching import rank_micro_batches
+    from megatron_vespo.learner.samples import Sample
+    from megatron_vespo.parallel.step_reduce import global_denominators
+
+    samples = [Sample(str(i), 0, p, r, float(i % 2), [0.0] * len(r))
+               for i, (p, r) in enumerate(sequences)]
+    advantages = torch.tensor([1.0, -1.0] * (len(samples) // 2))
+    g = learner.groups
+    batches = rank_micro_batches(samples, advantages, dp_rank=g.dp_rank, dp_size=g.dp_size,
+                                 micro_batch_size=1, pad_multiple=1, uniform_length=True)
+    batches = learner.recompute_old_logprobs(batches)
+    learner.train_step(batches, global_denominators(batches, g.dp))
+
+
+def scenario_worker(rank, world_size, name, model_dir, urls, export_dir):
+    """The phases of the module docstring; rank 0 returns what the servers and the learner said."""
+    import torch.distributed as dist
+
+    from megatron_vespo.offline import build_learner
+    from megatron_vespo.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+
+    moe = name == "moe"
+    config = _config(name, model_dir)
+    learner = build_learner(config)
+    chunks = [c.module for c in learner.chunks]
+    disk = DiskWeightSync(export_dir)
+    distributed = DistributedWeightSync(bucket_bytes=64 << 10, timeout_s=120,
+                                        master_address="127.0.0.1")
+    phases, first, group = [], None, None
+    for version, phase in enumerate(PHASES):
+        if version == 1:
+            disk.sync(chunks, config.model, config.parallel, urls, version)
+        elif version >= 2:
+            distributed.sync(chunks, config.model, config.parallel, urls, version)
+            if rank == 0:
+                group = group or distributed._group.group
+                assert distributed._group.group is group, "the update group was made again"
+        served = None
+        if rank == 0:
+            served = {"versions": [weight_version(u) for u in urls],
+                      "generated": [[_generate(u, p, moe) for p in PROMPTS] for u in urls]}
+            fixed = first or [(p, g["response"]) for p, g in zip(PROMPTS, served["generated"][0])]
+            served["scored"] = [[_score(u, p, r) for p, r in fixed] for u in urls]
+        box = [served]
+        dist.broadcast_object_list(box, src=0)
+        served = box[0]
+        fresh = [(p, g["response"]) for p, g in zip(PROMPTS, served["generated"][0])]
+        first = first or fresh
+        # Every server's own samples, and the phase-0 sequences, through the learner.
+        served["learner_generated"] = [_learner_view(learner, [(p, g["response"]) for p, g in
+                                                               zip(PROMPTS, gens)], moe)
+                                       for gens in served["generated"]]
+        served["learner_first"] = _learner_view(learner, first, moe)
+        phases.append(served)
+        if version + 1 < len(PHASES):
+            _train_step(learner, fresh)
+    distributed.close()
+    return {"phases": phases, "first": first} if rank == 0 else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: the exported models, the servers, one learner run per model
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_server_ports(count):
+    ports = []
+    for port in range(33000, 34000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError("no free ports in 33000-33999")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """name -> (model dir, [server URLs]); the servers are stopped at the end of the module."""
+    root = tmp_path_factory.mktemp("rollout_weights")
+    dirs = {name: str(root / f"{name}-v0") for name in MODELS}
+    run_ranks(export_worker, 2, list(dirs.items()))
+    ports = iter(_free_server_ports(sum(SERVERS.values())))
+    servers = {name: [SGLangServer(dirs[name], next(ports),
+                                   ServerOptions(enable_routed_experts=name == "moe",
+                                                 extra_args=SERVER_ARGS),
+                                   root / f"{name}-{k}.log")
+                      for k in range(count)] for name, count in SERVERS.items()}
+    try:
+        for group in servers.values():
+            for server in group:
+                server.wait_healthy()
+        yield {name: (dirs[name], [s.url for s in group]) for name, group in servers.items()}
+    finally:
+        for group in servers.values():
+            for server in group:
+                server.stop()
+
+
+@pytest.fixture(scope="module")
+def runs(fleet, tmp_path_factory):
+    """name -> the scenario's record (run once per model, on first use)."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            model_dir, urls = fleet[name]
+            export_dir = str(tmp_path_factory.mktemp(f"{name}-sync") / "weights")
+            done[name] = run_ranks(scenario_worker, 2, name, model_dir, urls, export_dir)[0]
+        return done[name]
+
+    return get
+
+
+def _max_diff(a, b):
+    assert len(a) == len(b)
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+def _served_vs_learner(phase):
+    """Largest |served - learner| log-prob over every server's samples and the phase-0 scores."""
+    worst = 0.0
+    for gens, views in zip(phase["generated"], phase["learner_generated"]):
+        for g, v in zip(gens, views):
+            worst = max(worst, _max_diff(g["logprobs"], v["logprobs"]))
+    for scores in phase.get("scored", []):
+        for s, v in zip(scores, phase["learner_first"]):
+            worst = max(worst, _max_diff(s, v["logprobs"]))
+    return worst
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_served_logprobs_match_learner(name, runs):
+    phase = runs(name)["phases"][0]
+    diff = _served_vs_learner(phase)
+    print(f"{name}: max |served - learner| log-prob at version 0: {diff:.2e}")
+    assert diff < LOGPROB_TOL
+    assert {g["version"] for gens in phase["generated"] for g in gens} == set(phase["versions"])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("version", [1, 2, 3], ids=PHASES[1:])
+def test_weight_sync_serves_new_weights(name, version, runs):
+    """After each sync every server reports the version and serves the learner's new weights:
+    its log-probs match the learner's forward and moved away from the previous version's."""
+    record = runs(name)
+    phase, before = record["phases"][version], record["phases"][version - 1]
+    assert phase["versions"] == [str(version)] * SERVERS[name]
+    assert {g["version"] for gens in phase["generated"] for g in gens} == {str(version)}
+    diff = _served_vs_learner(phase)
+    print(f"{name} after the {PHASES[version]} sync: max |served - learner| log-prob {diff:.2e}")
+    assert diff < LOGPROB_TOL
+    moved = max(_max_diff(a, b) for new, old in zip(phase["scored"], before["scored"])
+                for a, b in zip(new, old))
+    assert moved > 100 * LOGPROB_TOL, f"served log-probs barely moved ({moved:.2e})"
+
+
+def test_routed_experts_match_megatron_router(runs):
+    """`return_routed_experts` gives [P + R - 1, layers, top_k] per sample; the expert sets agree
+    with the megatron router's top-k on the same tokens."""
+    from megatron_vespo.rollout.routed_experts import decode_routed_experts
+
+    config = _config("moe")
+    layers, k = config.model.num_hidden_layers, config.model.num_experts_per_tok
+    record = runs("moe")
+    agree = total = 0
+    for phase in record["phases"]:
+        for prompt, g, view in zip(PROMPTS, phase["generated"][0], phase["learner_generated"][0]):
+            assert g["routed"] is not None, "the server ignored return_routed_experts"
+            tokens = len(prompt) + len(g["response"]) - 1
+            served = decode_routed_experts(g["routed"], tokens, layers)
+            assert served.shape == (tokens, layers, k)
+            same = (np.sort(served, axis=-1) == np.sort(view["experts"], axis=-1)).all(axis=-1)
+            agree += int(same.sum())
+            total += same.size
+    rate = agree / total
+    print(f"routed experts: {agree}/{total} (token, layer) pairs agree = {rate:.4f}")
+    assert rate >= 0.99
