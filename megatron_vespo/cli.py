@@ -12,14 +12,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
+from pathlib import Path
 
 import torch
 
 from .algo.kernel import (KernelConstants, kernel_mode, kernel_peak, variance_bound_constant,
                           vespo_phi)
-from .config import flatten, load_config
+from .config import dump_config, flatten, load_config
 from .algo.metrics import sequence_metrics
 from .algo.importance import SequenceStats
 
@@ -110,6 +112,32 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    from .rollout.serve import serve_node
+
+    config = _load(args)
+    serve_node(config.model, config.train.init_hf_checkpoint, config.rollout.fleet.server,
+               Path(config.train.output_dir), args.port, args.router_port,
+               [u for u in (args.worker_urls or "").split(",") if u])
+    return 0
+
+
+def slurm(args: argparse.Namespace) -> int:
+    from .slurm.submit import slurm_submit
+
+    config = _load(args)
+    # The job reads the resolved config (overrides included), with the world size the job has.
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, world_size=config.slurm.learner_nodes * config.slurm.nproc_per_node))
+    run_dir = Path(config.train.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "config.yaml"
+    resolved.write_text(dump_config(config))
+    script, job_id = slurm_submit(str(resolved), config.slurm, str(run_dir), dry_run=args.dry_run)
+    print(f"job script {script}" + (f"; submitted job {job_id}" if job_id else " (not submitted)"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-vespo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
     t.set_defaults(func=train)
+    s = sub.add_parser("serve", help="run this node's SGLang server (and the router) of a Slurm fleet")
+    s.add_argument("config", help="YAML config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    s.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
+    s.add_argument("--port", type=int, required=True, help="this server's port")
+    s.add_argument("--router-port", type=int, help="also run the router on this port")
+    s.add_argument("--worker-urls", help="comma-separated server URLs the router fronts")
+    s.set_defaults(func=serve)
+    sl = sub.add_parser("slurm", help="Slurm jobs")
+    slsub = sl.add_subparsers(dest="slurm_command", required=True)
+    su = slsub.add_parser("submit", help="render the heterogeneous job from the config and sbatch it")
+    su.add_argument("config", help="YAML config")
+    su.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    su.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
+    su.add_argument("--dry-run", action="store_true", help="write the job script, do not submit")
+    su.set_defaults(func=slurm)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

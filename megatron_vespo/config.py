@@ -212,3 +212,16 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML that `load_config` reads back to an equal Config."""
+    return yaml.safe_dump(_plain(config), sort_keys=False)

@@ -57,8 +57,8 @@ def learn(args: argparse.Namespace) -> None:
     report = {"env": env}
     if env["RANK"] == "0":
         overrides = dict(item.split("=", 1) for item in args.overrides)
-        router_url = overrides["rollout.attach_router_url"]
-        worker_urls = overrides["rollout.attach_worker_urls"].strip("[]").split(",")
+        router_url = overrides["rollout.fleet.attach_router_url"]
+        worker_urls = overrides["rollout.fleet.attach_worker_urls"].strip("[]").split(",")
 
         def health(url):
             with urllib.request.urlopen(f"{url}/health", timeout=5) as response:

@@ -9,6 +9,7 @@ it runs last.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 
@@ -148,11 +149,87 @@ def test_sampling_options_errors_name_the_field(changes, field):
         SamplingOptions(**changes)
 
 
+class FakeServer:
+    """A canned /generate answering by the prompt's first token (1: well-formed, 2: a NaN log-prob,
+    3: HTTP 503 on the first try), acting as router and worker at once. For the client's failure
+    handling without real servers."""
+
+    def __init__(self):
+        self.calls: dict[int, int] = {}
+
+    async def generate(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        mode, n = body["input_ids"][0], body["sampling_params"]["n"]
+        self.calls[mode] = self.calls.get(mode, 0) + 1
+        if mode == 3 and self.calls[mode] == 1:
+            return web.Response(status=503, text="worker unavailable")
+        lp = float("nan") if mode == 2 else -1.5
+        one = {"output_ids": [10, 11], "meta_info": {
+            "finish_reason": {"type": "length", "length": 2}, "weight_version": "4",
+            "output_token_logprobs": [[-0.5, 10, None], [lp, 11, None]],
+            "weight_versions": [{"version": "3", "start": 0, "end": 1}, {"version": "4", "start": 1, "end": 2}]}}
+        return web.Response(text=json.dumps([one] * n), content_type="application/json")
+
+    async def run(self, coro_fn):
+        """Serve on 127.0.0.1:32990 while `coro_fn(fleet)` runs."""
+        from aiohttp import web
+
+        async def health(request):
+            return web.Response(text="ok")
+
+        async def workers(request):
+            return web.json_response({"workers": []})
+
+        app = web.Application()
+        app.router.add_post("/generate", self.generate)
+        app.router.add_get("/health", health)
+        app.router.add_get("/workers", workers)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 32990).start()
+        url = "http://127.0.0.1:32990"
+        try:
+            return await coro_fn(Fleet(FleetConfig(max_retries=2), RouterClient(url), [url]))
+        finally:
+            await runner.cleanup()
+
+
+def test_client_resends_a_failed_group_and_reads_weight_spans():
+    server = FakeServer()
+
+    async def run(fake_fleet):
+        client = RolloutClient(fake_fleet, SamplingOptions(max_new_tokens=2), n=2)
+        return client, await client.generate([PromptRequest(0, [1, 5]), PromptRequest(1, [3, 5])], progress=False)
+
+    client, gens = asyncio.run(server.run(run))
+    assert [(g.group_id, g.sample_index) for g in gens] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert client.stats.requests_retried == 1 and server.calls == {1: 1, 3: 2}
+    assert gens[0].weight_version == 3 and [w.version for w in gens[0].weight_versions] == [3, 4]
+
+
+@pytest.mark.parametrize("on_invalid", ["raise", "skip"])
+def test_non_finite_logprobs_raise_or_skip_the_group_counted(on_invalid, caplog):
+    async def run(fake_fleet):
+        client = RolloutClient(fake_fleet, SamplingOptions(max_new_tokens=2), n=2, on_invalid=on_invalid)
+        return client, await client.generate([PromptRequest(0, [1, 5]), PromptRequest(7, [2, 5])], progress=False)
+
+    if on_invalid == "raise":
+        with pytest.raises(RolloutError, match="group 7: invalid answer: sample 0: non-finite log-prob"):
+            asyncio.run(FakeServer().run(run))
+        return
+    with caplog.at_level(logging.WARNING):
+        client, gens = asyncio.run(FakeServer().run(run))
+    assert [g.group_id for g in gens] == [0, 0] and client.stats.groups_skipped == 1
+    assert any("group 7: invalid answer, group skipped" in r.getMessage() for r in caplog.records)
+
+
 def test_killing_a_server_mid_batch_loses_and_duplicates_nothing(fleet, caplog):
     """Runs last: SIGKILLs one of the two servers once a third of the groups are done."""
-    n, count = 3, 24
+    n, count = 3, 18
     victim, survivor = fleet.servers
-    client = RolloutClient(fleet, SamplingOptions(max_new_tokens=24), n=n, max_in_flight=4)
+    client = RolloutClient(fleet, SamplingOptions(max_new_tokens=16), n=n, max_in_flight=4)
 
     async def run():
         async def killer():

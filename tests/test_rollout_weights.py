@@ -1,8 +1,9 @@
 """Real SGLang servers serve the weights the megatron learner holds, before and after a weight sync.
 
 Tiny Qwen3 (dense, learner TP=2) and Qwen3-MoE (learner EP=2) models are randomly initialised by
-the learner and exported with `export_model_to_hf`; servers start from those directories. One
-spawn of two learner ranks per model then runs the whole story, phase by phase:
+the learner and exported with `export_model_to_hf`; servers start from those directories (two for
+the dense model, one for the MoE model). One spawn of two learner ranks then runs the whole story
+for each model, phase by phase:
 
   phase 0: initial weights; 1: after one optimizer step and `DiskWeightSync`; 2 and 3: after one
   more step each and `DistributedWeightSync` (gloo; the update group made once and reused).
@@ -17,41 +18,41 @@ Servers use ports 33000-33999; learner process groups and the update group take 
 
 from __future__ import annotations
 
-import os
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_vespo.rollout.server import ServerOptions, SGLangServer, post_json, weight_version
+from megatron_vespo.rollout import weight_sync
+from megatron_vespo.rollout.server import (ServerError, ServerOptions, SGLangServer, post_json,
+                                           weight_version)
 from tests.distributed import run_ranks
 
-pytestmark = pytest.mark.slow
-pytest.importorskip("sglang")
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_moe_cpu.yaml"
-COMMON = ["train.world_size=2", "train.seed=11", "optim.lr=0.01", "model.tie_word_embeddings=false"]
+# Every setting spelled out (no project YAML): the learner's defaults plus these.
+COMMON = ["train.world_size=2", "train.seed=11", "optim.lr=0.01", "model.spec=local",
+          "model.tie_word_embeddings=false", "model.vocab_size=256", "model.hidden_size=64",
+          "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.num_key_value_heads=2",
+          "model.head_dim=16"]
 MODELS = {
-    "dense": COMMON + ["model.family=qwen3", "model.num_experts=0", "model.intermediate_size=128",
-                       "parallel.tp=2"],
-    "moe": COMMON + ["parallel.ep=2"],
+    "dense": COMMON + ["model.family=qwen3", "model.intermediate_size=128", "parallel.tp=2"],
+    "moe": COMMON + ["model.family=qwen3_moe", "model.num_experts=4", "model.num_experts_per_tok=2",
+                     "model.moe_intermediate_size=64", "parallel.ep=2"],
 }
 SERVERS = {"dense": 2, "moe": 1}  # the dense fleet has two servers: every sync must reach both
 # sglang sizes the KV cache to ~70% of free memory on CPU; three servers at once would not fit.
-SERVER_ARGS = ("--max-total-tokens", "4096")
 PROMPTS = [[5, 17, 33, 2, 101, 7], [250, 3, 3, 9], [64, 128, 1, 200, 45, 6, 77, 12], [8, 8, 90]]
 RESPONSE_TOKENS = 6
 LOGPROB_TOL = 1e-4
-PHASES = ("initial", "disk", "distributed", "distributed again")
+PHASES = ("initial", "disk", "distributed", "distributed-reused")
 
 
 def _config(name: str, init_dir=None):
     from megatron_vespo.config import load_config
 
     extra = [f"train.init_hf_checkpoint={init_dir}"] if init_dir else []
-    return load_config(CONFIG, MODELS[name] + extra)
+    return load_config(None, MODELS[name] + extra)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +138,12 @@ def _train_step(learner, sequences):
     learner.train_step(batches, global_denominators(batches, g.dp))
 
 
-def scenario_worker(rank, world_size, name, model_dir, urls, export_dir):
+def scenario_worker(rank, world_size, jobs):
+    """`_scenario` for each (name, model dir, urls, export dir) in one spawn of the ranks."""
+    return {job[0]: _scenario(rank, *job) for job in jobs}
+
+
+def _scenario(rank, name, model_dir, urls, export_dir):
     """The phases of the module docstring; rank 0 returns what the servers and the learner said."""
     import torch.distributed as dist
 
@@ -152,7 +158,7 @@ def scenario_worker(rank, world_size, name, model_dir, urls, export_dir):
     distributed = DistributedWeightSync(bucket_bytes=64 << 10, timeout_s=120,
                                         master_address="127.0.0.1")
     phases, first, group = [], None, None
-    for version, phase in enumerate(PHASES):
+    for version in range(len(PHASES)):
         if version == 1:
             disk.sync(chunks, config.model, config.parallel, urls, version)
         elif version >= 2:
@@ -180,11 +186,11 @@ def scenario_worker(rank, world_size, name, model_dir, urls, export_dir):
         if version + 1 < len(PHASES):
             _train_step(learner, fresh)
     distributed.close()
-    return {"phases": phases, "first": first} if rank == 0 else None
+    return {"phases": phases} if rank == 0 else None
 
 
 # ------------------------------------------------------------------------------------------------
-# Fixtures: the exported models, the servers, one learner run per model
+# Fixtures: the exported models, the servers, one run of the learner ranks
 # ------------------------------------------------------------------------------------------------
 
 
@@ -205,13 +211,14 @@ def _free_server_ports(count):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """name -> (model dir, [server URLs]); the servers are stopped at the end of the module."""
+    pytest.importorskip("sglang")
     root = tmp_path_factory.mktemp("rollout_weights")
     dirs = {name: str(root / f"{name}-v0") for name in MODELS}
     run_ranks(export_worker, 2, list(dirs.items()))
     ports = iter(_free_server_ports(sum(SERVERS.values())))
     servers = {name: [SGLangServer(dirs[name], next(ports),
                                    ServerOptions(enable_routed_experts=name == "moe",
-                                                 extra_args=SERVER_ARGS),
+                                                 max_total_tokens=4096),
                                    root / f"{name}-{k}.log")
                       for k in range(count)] for name, count in SERVERS.items()}
     try:
@@ -226,18 +233,11 @@ def fleet(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(fleet, tmp_path_factory):
-    """name -> the scenario's record (run once per model, on first use)."""
-    done = {}
-
-    def get(name):
-        if name not in done:
-            model_dir, urls = fleet[name]
-            export_dir = str(tmp_path_factory.mktemp(f"{name}-sync") / "weights")
-            done[name] = run_ranks(scenario_worker, 2, name, model_dir, urls, export_dir)[0]
-        return done[name]
-
-    return get
+def record(fleet, tmp_path_factory):
+    """name -> what the scenario recorded (both models in one spawn of the learner ranks)."""
+    jobs = [(name, model_dir, urls, str(tmp_path_factory.mktemp(f"{name}-sync") / "weights"))
+            for name, (model_dir, urls) in fleet.items()]
+    return run_ranks(scenario_worker, 2, jobs)[0]
 
 
 def _max_diff(a, b):
@@ -251,7 +251,7 @@ def _served_vs_learner(phase):
     for gens, views in zip(phase["generated"], phase["learner_generated"]):
         for g, v in zip(gens, views):
             worst = max(worst, _max_diff(g["logprobs"], v["logprobs"]))
-    for scores in phase.get("scored", []):
+    for scores in phase["scored"]:
         for s, v in zip(scores, phase["learner_first"]):
             worst = max(worst, _max_diff(s, v["logprobs"]))
     return worst
@@ -262,42 +262,45 @@ def _served_vs_learner(phase):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
-def test_served_logprobs_match_learner(name, runs):
-    phase = runs(name)["phases"][0]
+def test_served_logprobs_match_learner(name, record):
+    phase = record[name]["phases"][0]
     diff = _served_vs_learner(phase)
     print(f"{name}: max |served - learner| log-prob at version 0: {diff:.2e}")
     assert diff < LOGPROB_TOL
     assert {g["version"] for gens in phase["generated"] for g in gens} == set(phase["versions"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("version", [1, 2, 3], ids=PHASES[1:])
-def test_weight_sync_serves_new_weights(name, version, runs):
+def test_weight_sync_serves_new_weights(name, version, record):
     """After each sync every server reports the version and serves the learner's new weights:
     its log-probs match the learner's forward and moved away from the previous version's."""
-    record = runs(name)
-    phase, before = record["phases"][version], record["phases"][version - 1]
+    phases = record[name]["phases"]
+    phase, before = phases[version], phases[version - 1]
     assert phase["versions"] == [str(version)] * SERVERS[name]
     assert {g["version"] for gens in phase["generated"] for g in gens} == {str(version)}
     diff = _served_vs_learner(phase)
-    print(f"{name} after the {PHASES[version]} sync: max |served - learner| log-prob {diff:.2e}")
-    assert diff < LOGPROB_TOL
     moved = max(_max_diff(a, b) for new, old in zip(phase["scored"], before["scored"])
                 for a, b in zip(new, old))
+    print(f"{name} after the {PHASES[version]} sync: max |served - learner| log-prob {diff:.2e}, "
+          f"served log-probs of the phase-0 sequences moved by up to {moved:.2e}")
+    assert diff < LOGPROB_TOL
     assert moved > 100 * LOGPROB_TOL, f"served log-probs barely moved ({moved:.2e})"
 
 
-def test_routed_experts_match_megatron_router(runs):
+@pytest.mark.slow
+def test_routed_experts_match_megatron_router(record):
     """`return_routed_experts` gives [P + R - 1, layers, top_k] per sample; the expert sets agree
     with the megatron router's top-k on the same tokens."""
     from megatron_vespo.rollout.routed_experts import decode_routed_experts
 
     config = _config("moe")
     layers, k = config.model.num_hidden_layers, config.model.num_experts_per_tok
-    record = runs("moe")
     agree = total = 0
-    for phase in record["phases"]:
+    for phase in record["moe"]["phases"]:
         for prompt, g, view in zip(PROMPTS, phase["generated"][0], phase["learner_generated"][0]):
             assert g["routed"] is not None, "the server ignored return_routed_experts"
             tokens = len(prompt) + len(g["response"]) - 1
@@ -309,3 +312,29 @@ def test_routed_experts_match_megatron_router(runs):
     rate = agree / total
     print(f"routed experts: {agree}/{total} (token, layer) pairs agree = {rate:.4f}")
     assert rate >= 0.99
+
+
+# ------------------------------------------------------------------------------------------------
+# Without servers: buckets and the version check
+# ------------------------------------------------------------------------------------------------
+
+
+def test_buckets_respect_budget_and_dtype():
+    state = {"a": torch.randn(10), "b": torch.randn(3, dtype=torch.float64), "c": torch.randn(30),
+             "d": torch.randn(2), "e": torch.randn(5).bfloat16()}
+    groups = weight_sync.buckets(state, bucket_bytes=60)
+    assert [[n for n, _ in b] for b in groups] == [["a"], ["c"], ["d"], ["b"], ["e"]]
+    assert all(len({t.dtype for _, t in b}) == 1 for b in groups)
+    flat, fields = weight_sync.flatten_bucket([("x", state["a"][:4].reshape(2, 2)), ("y", state["d"])])
+    assert flat.dtype == torch.uint8 and flat.numel() == 6 * 4
+    assert fields == {"names": ["x", "y"], "dtypes": ["float32", "float32"], "shapes": [[2, 2], [2]],
+                      "load_format": "flattened_bucket"}
+    assert torch.equal(flat.view(torch.float32)[4:], state["d"])
+
+
+def test_version_check_names_the_lagging_server(monkeypatch):
+    reported = {"http://a:1": "3", "http://b:2": "2"}
+    monkeypatch.setattr(weight_sync, "weight_version", reported.__getitem__)
+    weight_sync.check_versions(["http://a:1"], 3)
+    with pytest.raises(ServerError, match=r"version 3 .*'http://b:2': '2'"):
+        weight_sync.check_versions(list(reported), 3)

@@ -64,7 +64,7 @@ def test_learners_run_torchrun_per_node_with_the_rendezvous_and_fleet_from_the_j
     assert "--nnodes=8 --nproc-per-node=8 \\\n" in script
     assert '--master-addr="$master_addr" --master-port="$master_port"' in script
     assert "-m megatron_vespo.cli train configs/qwen3_30b_a3b.yaml --run-dir runs/qwen3_30b_a3b" in script
-    assert '"rollout.attach_router_url=$router_url" "rollout.attach_worker_urls=[$worker_csv]"' in script
+    assert '"rollout.fleet.attach_router_url=$router_url" "rollout.fleet.attach_worker_urls=[$worker_csv]"' in script
     assert not re.search(r"\b(127\.0\.0\.1|localhost)\b", script), "no address may be hard-coded"
 
 

@@ -19,6 +19,7 @@ What sglang 0.5.23 returns (token-in/token-out, `return_logprob: true`), as meas
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -192,7 +193,10 @@ class RolloutClient:
                     raise _Retriable(f"HTTP {r.status} from {url}: {text[:300]}")
                 if r.status != 200:
                     raise RolloutError(f"HTTP {r.status} from {url}: {text[:500]}")
-                return await r.json(content_type=None), time.perf_counter() - start
+                try:
+                    return json.loads(text), time.perf_counter() - start
+                except ValueError:
+                    raise _InvalidAnswer(f"not JSON: {text[:300]}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise _Retriable(f"{type(e).__name__} from {url}: {e}") from None
         finally:
@@ -218,7 +222,8 @@ class RolloutClient:
                 gens = self._parse(prompt, body, latency)
             except _Retriable as e:
                 if attempt == retries:
-                    raise RolloutError(f"group {prompt.group_id}: failed {retries + 1} times; last: {e}") from None
+                    raise RolloutError(f"group {prompt.group_id}: failed {retries + 1} times; "
+                                       f"last: {e}") from None
                 self.stats.requests_retried += 1
                 logger.warning("group %d: %s; checking the fleet, retry %d/%d", prompt.group_id, e,
                                attempt + 1, retries)
@@ -241,7 +246,10 @@ class RolloutClient:
         results = body if isinstance(body, list) else [body]
         if len(results) != self.n:
             raise _InvalidAnswer(f"{len(results)} results for n={self.n}")
-        return [self._parse_one(prompt, i, r, latency) for i, r in enumerate(results)]
+        try:
+            return [self._parse_one(prompt, i, r, latency) for i, r in enumerate(results)]
+        except (KeyError, TypeError, IndexError) as e:
+            raise _InvalidAnswer(f"malformed result ({type(e).__name__}: {e}): {str(body)[:300]}") from None
 
     def _parse_one(self, prompt: PromptRequest, index: int, result: dict, latency: float) -> Generation:
         meta = result["meta_info"]
@@ -251,7 +259,8 @@ class RolloutClient:
         response = list(result["output_ids"])
         logprob_rows = meta["output_token_logprobs"]
         if len(logprob_rows) != len(response):
-            raise _InvalidAnswer(f"sample {index}: {len(response)} output ids but {len(logprob_rows)} log-probs")
+            raise _InvalidAnswer(f"sample {index}: {len(response)} output ids but "
+                                 f"{len(logprob_rows)} log-probs")
         if [row[1] for row in logprob_rows] != response:
             raise _InvalidAnswer(f"sample {index}: log-prob token ids do not match output_ids")
         logprobs = [row[0] for row in logprob_rows]
@@ -303,7 +312,8 @@ class RolloutClient:
                             results[key] = g
                         self.stats.wall_time_s = time.perf_counter() - start
                         bar.update(1)
-                        bar.set_postfix(tok_s=f"{self.stats.tokens_per_s:.0f}", retried=self.stats.requests_retried)
+                        bar.set_postfix(tok_s=f"{self.stats.tokens_per_s:.0f}",
+                                        retried=self.stats.requests_retried)
             finally:
                 for t in tasks:
                     t.cancel()

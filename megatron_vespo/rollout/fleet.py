@@ -54,7 +54,8 @@ class FleetConfig:
     def __post_init__(self) -> None:
         if self.num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
-        if not _valid_port(self.base_port) or (self.base_port and self.base_port + self.num_servers - 1 > 65535):
+        last_port = self.base_port + self.num_servers - 1
+        if not _valid_port(self.base_port) or (self.base_port and last_port > 65535):
             raise ValueError(f"base_port must be 0 or a port with room for num_servers={self.num_servers} "
                              f"consecutive ports, got {self.base_port}")
         if not _valid_port(self.router_port):
@@ -101,7 +102,8 @@ def _answers_health(url: str, timeout_s: float) -> bool:
 
 
 class Fleet:
-    """SGLang servers behind a router. Use `launch` or `attach`, not the constructor."""
+    """SGLang servers behind a router. Built by `launch` or `attach`; the constructor takes a router
+    client and the member URLs as given (no checks, nothing started)."""
 
     def __init__(self, cfg: FleetConfig, router: RouterClient, worker_urls: list[str],
                  servers: tuple[SGLangServer, ...] = (), router_process: Optional[RouterProcess] = None):
@@ -118,12 +120,11 @@ class Fleet:
         """Start cfg.num_servers servers and a router; return once the router lists all healthy.
         Anything started is stopped again if start-up fails."""
         log_dir = Path(log_dir)
-        if cfg.base_port:
-            ports = [cfg.base_port + i for i in range(cfg.num_servers)]
-            router_port = cfg.router_port or free_ports(1)[0]
-        else:
-            *ports, router_port = free_ports(cfg.num_servers + 1)
-            router_port = cfg.router_port or router_port
+        ports = [cfg.base_port + i for i in range(cfg.num_servers)] if cfg.base_port else []
+        spare = free_ports(cfg.num_servers + 2)  # any free ports for what the config leaves open
+        ports = ports or spare[:cfg.num_servers]
+        router_port = cfg.router_port or spare[-2]
+        metrics_port = spare[-1]
         servers: list[SGLangServer] = []
         router_process = None
         try:
@@ -132,8 +133,8 @@ class Fleet:
             with ThreadPoolExecutor(len(servers)) as pool:
                 list(pool.map(lambda s: s.wait_healthy(), servers))
             urls = [s.url for s in servers]
-            router_process = RouterProcess(router_port, log_dir / f"router_{router_port}.log", urls,
-                                           host=cfg.server.host, policy=cfg.router_policy,
+            router_process = RouterProcess(router_port, metrics_port, log_dir / f"router_{router_port}.log",
+                                           urls, host=cfg.server.host, policy=cfg.router_policy,
                                            extra_args=cfg.router_extra_args)
             router_process.wait_ready(cfg.server.startup_timeout_s)
             router_process.client.wait_workers(urls, cfg.server.startup_timeout_s)

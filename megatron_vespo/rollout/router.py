@@ -103,10 +103,12 @@ class RouterClient:
             time.sleep(0.5)
 
 
-def router_argv(port: int, worker_urls: Sequence[str], host: str = "127.0.0.1",
+def router_argv(port: int, metrics_port: int, worker_urls: Sequence[str], host: str = "127.0.0.1",
                 policy: str = "round_robin", extra_args: Sequence[str] = ()) -> list[str]:
+    """The router's command line. Every router also serves Prometheus metrics, on port 29000 unless
+    told otherwise, and exits at start-up if that port is taken: each router gets its own."""
     argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-            "--policy", policy]
+            "--policy", policy, "--prometheus-host", host, "--prometheus-port", str(metrics_port)]
     if worker_urls:
         argv += ["--worker-urls", *worker_urls]
     return argv + list(extra_args)
@@ -116,15 +118,16 @@ class RouterProcess:
     """A router subprocess in its own session: start, wait until it answers, stop (SIGTERM, then
     SIGKILL). `client` is its admin API."""
 
-    def __init__(self, port: int, log_path: Path, worker_urls: Sequence[str] = (), host: str = "127.0.0.1",
-                 policy: str = "round_robin", extra_args: Sequence[str] = ()):
-        self.argv = router_argv(port, worker_urls, host, policy, extra_args)
+    def __init__(self, port: int, metrics_port: int, log_path: Path, worker_urls: Sequence[str] = (),
+                 host: str = "127.0.0.1", policy: str = "round_robin", extra_args: Sequence[str] = ()):
+        self.argv = router_argv(port, metrics_port, worker_urls, host, policy, extra_args)
         self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
         self.client = RouterClient(self.url)
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
     @property
     def alive(self) -> bool:

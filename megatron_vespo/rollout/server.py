@@ -21,6 +21,7 @@ from typing import Optional
 import requests
 import torch
 
+CPU_KV_TOKENS = 65536
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
              "--disable-cuda-graph")
 
@@ -37,6 +38,9 @@ class ServerOptions:
     dtype: str = "auto"  # sglang --dtype; "auto" is float32 on CPU (log-probs comparable to fp32 training)
     tp: int = 1  # tensor-parallel GPUs per server
     mem_fraction_static: Optional[float] = None
+    # KV-cache size in tokens. None: sglang sizes it from free memory on GPUs; on CPU that would
+    # claim most of the machine's RAM per server, so CPU_KV_TOKENS is used instead.
+    max_total_tokens: Optional[int] = None
     enable_routed_experts: bool = False  # MoE: return each token's routed experts (for R3 and metrics)
     startup_timeout_s: float = 600.0
     extra_args: tuple[str, ...] = field(default_factory=tuple)  # passed to sglang verbatim
@@ -46,6 +50,8 @@ class ServerOptions:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
 
@@ -59,6 +65,9 @@ def server_argv(model_path: str, port: int, opts: ServerOptions, cpu: Optional[b
             "--tp-size", str(opts.tp)]
     if cpu:
         argv += CPU_FLAGS
+    kv_tokens = opts.max_total_tokens or (CPU_KV_TOKENS if cpu else None)
+    if kv_tokens is not None:
+        argv += ["--max-total-tokens", str(kv_tokens)]
     if opts.mem_fraction_static is not None:
         argv += ["--mem-fraction-static", str(opts.mem_fraction_static)]
     if opts.enable_routed_experts:

@@ -108,7 +108,8 @@ class RolloutSource:
     # -- synchronous mode ------------------------------------------------------------------------
     def rollout_batch(self, num_prompts: int) -> tuple[list[Sample], dict[str, float]]:
         """Generate n responses for the next `num_prompts` prompts; returns samples + metrics."""
-        gens = self.client.generate_batch(_requests(self.prompts, num_prompts))
+        # The trainer's progress bar reports rollout tokens/s; a second bar per batch would be noise.
+        gens = self.client.generate_batch(_requests(self.prompts, num_prompts), progress=False)
         stats = self.client.stats
         return to_samples(gens, self.reward), {
             "rollout/tokens_per_s": stats.tokens_per_s, "rollout/tokens": float(stats.tokens_generated),

@@ -244,8 +244,12 @@ class DistributedWeightSync:
                 errors = [str(f.exception()) for f in joins if f.exception() is not None]
                 raise ServerError(f"weight-update group of {world} ranks did not form: {exc}; "
                                   f"server answers: {errors or 'none failed'}") from exc
-            for f in joins:
-                f.result()
+            try:
+                for f in joins:
+                    f.result()
+            except Exception:
+                dist.destroy_process_group(group)  # a server failed to join: no half-made group
+                raise
         return _Group(urls, group)
 
     def _close_group(self) -> None:

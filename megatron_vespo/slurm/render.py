@@ -4,7 +4,7 @@ At run time the script finds every address from the job itself: node names from
 `scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_{0,1}`, each node's address from Slurm's
 node table (NodeAddr: the address Slurm itself reaches the node at, so it works where a node's name
 does not resolve), and a block of ports from the job id. The learners learn the fleet's addresses
-as config overrides on their command line (`rollout.attach_router_url`, `rollout.attach_worker_urls`).
+as config overrides on their command line (`rollout.fleet.attach_router_url`, `rollout.fleet.attach_worker_urls`).
 
 The two commands are parameters so that a test can run the real job mechanics around stand-ins:
 `server_command` gets `--port P` appended (and `--router-port R --worker-urls U,U` for the first
@@ -103,7 +103,7 @@ srun --het-group=0 --nodes=__LEARNER_NODES__ --ntasks-per-node=1 --kill-on-bad-e
     --nnodes=__LEARNER_NODES__ --nproc-per-node=__NPROC__ \
     --master-addr="$master_addr" --master-port="$master_port" \
     __LEARNER_PROGRAM__ \
-    "rollout.attach_router_url=$router_url" "rollout.attach_worker_urls=[$worker_csv]" \
+    "rollout.fleet.attach_router_url=$router_url" "rollout.fleet.attach_worker_urls=[$worker_csv]" \
     || learner_status=$?
 stop_fleet
 exit "$learner_status"

@@ -31,7 +31,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import yaml
 
 from .histograms import write_histograms
 from .kernel_plot import write_kernel_plot
@@ -245,7 +244,9 @@ class Tracker:
     def _write_config(self, config: Any) -> Path:
         path = self.artifact_dir / "config.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        from ..config import dump_config  # config imports this module for TrackingConfig
+
+        path.write_text(dump_config(config))
         return path
 
     # ------------------------------------------------------------------------------ public API
