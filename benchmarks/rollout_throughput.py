@@ -60,7 +60,7 @@ def main() -> int:
     sampling = SamplingOptions(max_new_tokens=args.max_new_tokens)
     # On CPU sglang sizes its KV cache from free host memory unless told otherwise.
     cfg = FleetConfig(num_servers=2, base_port=args.base_port, router_port=args.router_port,
-                      server=ServerOptions(extra_args=("--max-total-tokens", "16384")))
+                      server=ServerOptions(max_total_tokens=16384))
     tokens_per_s: dict[str, list[float]] = {"1 server": [], "2 servers": []}
     with tempfile.TemporaryDirectory() as tmp:
         build_model(Path(tmp) / "model")

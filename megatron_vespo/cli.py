@@ -172,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     su.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
     su.add_argument("--dry-run", action="store_true", help="write the job script, do not submit")
     su.set_defaults(func=slurm)
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may follow options (`train CFG --resume train.max_steps=6`), which plain
+    # argparse does not allow for a positional list: collect the stragglers here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ValueError, OSError) as e:

@@ -29,7 +29,7 @@ STOP = 5
 BASE_PORT, ROUTER_PORT = 32010, 32000
 DEAD_URL = "http://127.0.0.1:32999"  # nothing listens there
 # sglang sizes its KV cache from free host memory on CPU (~17 GB here); a tiny model needs little.
-SERVER = ServerOptions(extra_args=("--max-total-tokens", "8192"))
+SERVER = ServerOptions(max_total_tokens=8192)
 
 
 def make_model(directory) -> None:

@@ -206,3 +206,36 @@ def test_a_fleet_that_dies_fails_the_job_before_the_learners_start(cluster, tmp_
     assert state == "FAILED", log
     assert "the fleet step ended before" in log
     assert not list(run.glob("rank*.json"))
+
+
+def test_real_job_trains_tiny_moe_and_logs_to_mlflow(cluster, tmp_path):
+    """`megatron-vespo slurm submit` with the tiny CPU config: the fleet component runs a real
+    SGLang server and router (`megatron-vespo serve`), the learner component `megatron-vespo train`
+    attached to it; the job completes and its MLflow run holds every step."""
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    repo = Path(__file__).resolve().parent.parent
+    overrides = ["slurm.gpus_per_node=0", "slurm.ranks_per_node=1", "slurm.cpus_per_task=1",
+                 "slurm.learner_nodes=1", "slurm.rollout_nodes=1", "slurm.servers_per_node=1",
+                 "slurm.cpus_per_server=1", "slurm.time_limit=00:15:00", "slurm.port_base=35300",
+                 "slurm.port_slots=40", "slurm.fleet_timeout_s=600",
+                 f"slurm.env=[PATH={Path(sys.executable).parent}:$PATH]",
+                 "train.max_steps=2", "train.rollout_batch_size=16", "train.micro_batch_size=4",
+                 "train.eval_interval=0", "train.save_interval=0", "task.eval_size=4",
+                 "rollout.sampling.max_new_tokens=8"]
+    done = subprocess.run([sys.executable, "-m", "megatron_vespo.cli", "slurm", "submit",
+                           str(repo / "configs" / "tiny_moe_cpu.yaml"), "--run-dir", str(run), *overrides],
+                          capture_output=True, text=True, cwd=repo, env=cluster.env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"submitted job (\d+)", done.stdout).group(1)
+    state = wait_for(job_id, timeout=900, poll=2)
+    log = (run / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    run_id = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    info = client.get_run(run_id)
+    assert info.info.status == "FINISHED"
+    assert info.data.params["slurm.job_id"] == job_id
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
+    assert all(m.value > 0 for m in client.get_metric_history(run_id, "rollout/tokens_per_s"))

@@ -20,6 +20,7 @@ import torch
 
 from ..learner.hf_convert import hf_tensor_shapes, save_hf_checkpoint
 from ..learner.model import ModelConfig
+from .fleet import free_ports
 from .router import RouterProcess
 from .server import SGLangServer, ServerOptions
 
@@ -52,8 +53,9 @@ def serve_node(model: ModelConfig, model_path: Optional[str], server: ServerOpti
     try:
         proc.wait_healthy()
         if router_port is not None:
-            router = RouterProcess(router_port, logs / f"router_{router_port}.log", worker_urls,
-                                   host=server.host)
+            # The router's Prometheus port is node-local and never addressed by the job: any free one.
+            router = RouterProcess(router_port, free_ports(1)[0], logs / f"router_{router_port}.log",
+                                   worker_urls, host=server.host)
             router.wait_ready(server.startup_timeout_s)
         logger.info("serving %s%s", proc.url, f", router {router.url}" if router else "")
         while not stop.wait(1.0):
