@@ -86,6 +86,11 @@ def train(args: argparse.Namespace) -> int:
     from .launch import run_ranks
 
     config = _load(args)
+    if config.train.init_hf_checkpoint:
+        from .learner.hf_convert import check_hf_checkpoint
+
+        # Before any rank starts or anything is written: one clear error naming the field.
+        check_hf_checkpoint(config.train.init_hf_checkpoint, config.model)
     if args.rollouts:
         from .learner.samples import read_samples
         from .offline import train_offline_rank

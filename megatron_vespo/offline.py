@@ -5,10 +5,15 @@ each). Each rollout batch gets group-relative advantages, is split into N = `tra
 mini-batches, has its old log-probs recomputed once (before any of its updates), and is consumed as N
 optimizer steps. Checkpoints are taken between rollout batches, where no old log-probs are in flight,
 so a resumed run takes exactly the steps an uninterrupted one would.
+
+Rank 0 appends one line per step to `metrics.jsonl` and to `samples_consumed.jsonl`
+({"step": N, "sample_ids": [...]}: the samples that step trained on), both flushed per line, so a
+killed run keeps the record of every step it finished.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from .config import Config
 from .learner.checkpoint import load_checkpoint, save_checkpoint
 from .learner.learner import Learner
 from .learner.samples import Sample, read_samples
-from .rollout_batch import train_rollout_batch
+from .rollout_batch import mini_batches, train_rollout_batch
 from .tracking.heatmap import write_load_heatmap
 from .tracking.jsonl import JsonlMetrics
 
@@ -68,6 +73,7 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
     samples = read_samples(rollouts, vocab_size=config.model.vocab_size)
     batches, leftover = rollout_batches(samples, cfg.rollout_batch_size)
     sink = JsonlMetrics(out_dir / "metrics.jsonl") if rank == 0 else None
+    consumed = open(out_dir / "samples_consumed.jsonl", "a") if rank == 0 else None
     if rank == 0 and leftover:
         print(f"[megatron-vespo] {leftover} trailing samples do not fill a rollout batch and are "
               f"not trained on", file=sys.stderr)
@@ -94,6 +100,9 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
                                        f"step_{learner.policy_version:08d}.png",
                                        title=f"expert load, step {learner.policy_version}")
                 if sink:
+                    ids = [s.sample_id for s in mini_batches(batch, cfg.staleness)[k]]
+                    consumed.write(json.dumps({"step": learner.policy_version, "sample_ids": ids}) + "\n")
+                    consumed.flush()
                     sink.log(learner.policy_version, metrics)
                     print(_progress(learner.policy_version, metrics, reward, k), flush=True)
                 last = metrics
@@ -110,4 +119,5 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
         save_checkpoint(learner, ckpt_root, cursor)
     if sink:
         sink.close()
+        consumed.close()
     return last

@@ -20,6 +20,15 @@ from .parallel.packing import required_pad_multiple
 from .parallel.step_reduce import global_denominators
 
 
+def mini_batches(batch: Sequence[Sample], staleness: int) -> list[Sequence[Sample]]:
+    """The `staleness` equal, consecutive mini-batches of a rollout batch; the k-th trains step k."""
+    if len(batch) % staleness:
+        raise ValueError(f"a rollout batch of {len(batch)} samples does not split into "
+                         f"{staleness} equal mini-batches")
+    mini = len(batch) // staleness
+    return [batch[k * mini:(k + 1) * mini] for k in range(staleness)]
+
+
 def train_rollout_batch(learner: Learner, config: Config, batch: Sequence[Sample], staleness: int,
                         after_step: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
     """Consume `batch` as `staleness` equal mini-batches; returns each step's metrics.
@@ -27,14 +36,11 @@ def train_rollout_batch(learner: Learner, config: Config, batch: Sequence[Sample
     `after_step(k, metrics)` runs after the k-th step (while the learner still holds that step's
     routing load, for heat-maps)."""
     cfg, layout, groups, algo = config.train, config.parallel, learner.groups, config.algorithm
-    if len(batch) % staleness:
-        raise ValueError(f"a rollout batch of {len(batch)} samples does not split into "
-                         f"{staleness} equal mini-batches")
-    mini = len(batch) // staleness
+    samples_k = mini_batches(batch, staleness)
+    mini = len(samples_k[0])
     pad = required_pad_multiple(layout.cp, layout.tp, layout.sequence_parallel)
     advantages = sample_advantages(batch, algo.advantage)
     split = dict(dp_rank=groups.dp_rank, dp_size=groups.dp_size, micro_batch_size=cfg.micro_batch_size)
-    samples_k = [batch[k * mini:(k + 1) * mini] for k in range(staleness)]
     minis = [rank_micro_batches(s, advantages[k * mini:(k + 1) * mini], pad_multiple=pad,
                                 uniform_length=not learner.thd, cp_size=layout.cp,
                                 cp_rank=groups.cp_rank, **split)

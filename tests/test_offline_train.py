@@ -24,7 +24,7 @@ def train(tmp_path, rollouts, *overrides, resume=False):
 @pytest.mark.slow
 def test_train_writes_metrics_and_checkpoints_then_resumes(tmp_path):
     rollouts = tmp_path / "rollouts.jsonl"
-    write_samples(rollouts, make_samples(n=20))  # 2 rollout batches of 8, 4 samples left over
+    write_samples(rollouts, make_samples(n=20, vocab=64))  # 2 rollout batches of 8, 4 samples left over
     first = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=1",
                   "model.router_aux_loss_coef=0.01")
     assert first.returncode == 0, first.stderr
@@ -47,11 +47,11 @@ def test_train_writes_metrics_and_checkpoints_then_resumes(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ({"reward": None}, "field 'reward' must be a finite number"),
-    ({"response_ids": [1, 999]}, "field 'response_ids' has token id 999 outside the vocabulary [0, 256)"),
+    ({"response_ids": [1, 999]}, "field 'response_ids' has token id 999 outside the vocabulary [0, 64)"),
 ])
 def test_bad_rollout_file_is_one_clear_error_and_writes_nothing(tmp_path, bad, message):
     rollouts = tmp_path / "rollouts.jsonl"
-    write_samples(rollouts, make_samples(n=8))
+    write_samples(rollouts, make_samples(n=8, vocab=64))
     lines = rollouts.read_text().splitlines()
     row = {**json.loads(lines[3]), **bad}
     if "response_ids" in bad:
@@ -84,7 +84,7 @@ def with_engine_routes(samples, layers=2, top_k=2, experts=4, seed=0):
 @pytest.mark.parametrize("mode", ["R2", "R3"])
 def test_train_with_routing_replay(tmp_path, mode):
     rollouts = tmp_path / "rollouts.jsonl"
-    write_samples(rollouts, with_engine_routes(make_samples(n=16)))
+    write_samples(rollouts, with_engine_routes(make_samples(n=16, vocab=64)))
     result = train(tmp_path, rollouts, f"algorithm.routing_replay={mode}", "train.world_size=1")
     assert result.returncode == 0, result.stderr
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -94,7 +94,7 @@ def test_train_with_routing_replay(tmp_path, mode):
 
 def test_r3_without_engine_routes_is_a_clear_error(tmp_path):
     rollouts = tmp_path / "rollouts.jsonl"
-    write_samples(rollouts, make_samples(n=8))
+    write_samples(rollouts, make_samples(n=8, vocab=64))
     result = train(tmp_path, rollouts, "algorithm.routing_replay=R3")
     assert result.returncode == 2
     assert "8 samples have no routed_experts (first: ['s0', 's1', 's2'])" in result.stderr

@@ -133,7 +133,7 @@ def test_metrics_are_identical_over_data_parallel_ranks(single):
 @pytest.mark.slow
 def test_offline_training_writes_load_heatmaps(tmp_path):
     rollouts = tmp_path / "rollouts.jsonl"
-    write_samples(rollouts, with_engine_routes(make_samples(n=8)))
+    write_samples(rollouts, with_engine_routes(make_samples(n=8, vocab=64)))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", CONFIG, f"train.output_dir={run}",
            "train.rollout_batch_size=8", "train.staleness=2", "train.micro_batch_size=2",

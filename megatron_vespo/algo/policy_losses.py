@@ -102,6 +102,9 @@ class PolicyLossInput:
 class PolicyLossOutput:
     loss: Tensor  # scalar: this rank's share of the global loss
     metrics: MetricSums
+    # [S_valid] the detached per-sequence coefficient of sequence-level losses (phi for vespo, W for
+    # seq_is) of this rank's valid sequences, for histograms; None for token-level losses.
+    seq_coef: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def vespo_loss(inp: PolicyLossInput, p: KernelConstants) -> PolicyLossOutput:
     loss = _weighted_reinforce(inp, phi)
     k = (variance_bound_constant(*p.for_sign(True)), variance_bound_constant(*p.for_sign(False)))
     metrics = sequence_metrics(inp.seq, inp.advantages, phi, k).merge(_token_stats(inp, loss))
-    return PolicyLossOutput(loss, metrics)
+    return PolicyLossOutput(loss, metrics, phi[inp.seq.valid].detach())
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def seq_is_loss(inp: PolicyLossInput, p: SeqIsParams) -> PolicyLossOutput:
     loss = _weighted_reinforce(inp, w)
     # phi(W) = W: sup phi(w)/w = 1.
     metrics = sequence_metrics(inp.seq, inp.advantages, w, (1.0, 1.0)).merge(_token_stats(inp, loss))
-    return PolicyLossOutput(loss, metrics)
+    return PolicyLossOutput(loss, metrics, w[inp.seq.valid].detach())
 
 
 @dataclass(frozen=True)

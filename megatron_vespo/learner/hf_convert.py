@@ -725,6 +725,12 @@ class _Checkpoint:
         return out
 
 
+def check_hf_checkpoint(path, cfg: ModelConfig) -> None:
+    """Raise `CheckpointError` naming the field or tensor where the HF checkpoint at `path` does not
+    hold `cfg`'s model. Reads config.json and the safetensors headers only, no tensor data."""
+    check_same_architecture(_Checkpoint(path).cfg, cfg)
+
+
 def load_hf_checkpoint(path, **overrides) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """(ModelConfig, HF state dict) of a HF checkpoint directory: config.json plus either one
     model.safetensors or shards listed in model.safetensors.index.json. Names and shapes are

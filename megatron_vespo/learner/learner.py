@@ -357,6 +357,7 @@ class Learner:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums: list[MetricSums] = []
+        coefs: list[torch.Tensor] = []
         m, dp = len(batches), self.groups.dp_size
 
         def loss_func(batch, output):
@@ -365,6 +366,8 @@ class Learner:
                 cp_group=self.groups.cp, correct_mismatch=self.loss.correct_mismatch,
                 mismatch_threshold=self.loss.mismatch_threshold)
             sums.append(out.metrics)
+            if out.seq_coef is not None:
+                coefs.append(out.seq_coef)
             return schedule_loss_output(
                 out.loss, {}, num_microbatches=m, dp_size=dp,
                 calculate_per_token_loss=self.config.calculate_per_token_loss, denom=denom,
@@ -392,6 +395,8 @@ class Learner:
             self.scheduler.step(increment=1)
             self.policy_version += 1
         metrics = self._gather_metrics(sums)
+        # This rank's per-sequence phi (or W) of the step, for histograms (empty on other PP stages).
+        self.last_seq_coef = torch.cat(coefs) if coefs else None
         elapsed = time.perf_counter() - start
         positions = sum(b.num_positions for b in batches)
         metrics.update({

@@ -54,4 +54,4 @@ def shard_policy_loss(
     if batch.engine_logp is None:
         return out
     mismatch = mismatch_metrics(batch.old_logp, batch.engine_logp, batch.loss_mask, mismatch_threshold)
-    return PolicyLossOutput(out.loss, out.metrics.merge(mismatch))
+    return PolicyLossOutput(out.loss, out.metrics.merge(mismatch), out.seq_coef)
