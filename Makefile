@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(VENV)/bin/megatron-vespo demo
+	$(VENV)/bin/megatron-vespo train configs/tiny_moe_cpu.yaml
 
 # Slurm 22.05 + munge from Debian for the local emulated cluster in tests/test_slurm.py; installed
 # only where it is missing and we are root (elsewhere those tests skip and say why).

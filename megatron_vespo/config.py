@@ -108,6 +108,11 @@ class Config:
                              f"a prompt's responses are one advantage group")
         if self.rollout.fleet.server.enable_routed_experts and not self.model.is_moe:
             raise ValueError("rollout.fleet.server.enable_routed_experts needs a MoE model.family")
+        if (self.rollout.mode == "async" and self.train.old_logprobs == "recompute"
+                and not self.algorithm.correct_mismatch):
+            raise ValueError("rollout.mode=async recomputes old log-probs at the current policy, so "
+                             "W would ignore the samples' staleness: set algorithm.correct_mismatch="
+                             "true (W against the engine's log-probs) or train.old_logprobs=engine")
         if self.rollout.mode == "async" and self.train.staleness != 1:
             raise ValueError("train.staleness must be 1 with rollout.mode=async (each step takes one "
                              "mini-batch from the buffer; rollout.max_staleness bounds the lag)")

@@ -79,6 +79,22 @@ def _weight_sync(config: Config, run_dir: Path):
     return DistributedWeightSync(bucket_bytes=r.weight_bucket_mb << 20)
 
 
+# Parameter-name fragments -> histogram panel; the first match wins.
+_WEIGHT_GROUPS = (("router", "router"), ("experts", "experts"), ("embedding", "embedding"),
+                  ("output_layer", "output layer"), ("norm", "norms"), ("self_attention", "attention"),
+                  ("mlp", "mlp"))
+
+
+def weight_histogram_values(chunks) -> dict[str, torch.Tensor]:
+    """This rank's parameters, flattened per group (its shard of each; rank 0 logs them)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            group = next((g for key, g in _WEIGHT_GROUPS if key in name), "other")
+            groups.setdefault(group, []).append(param.detach().float().flatten().cpu())
+    return {f"weights/{g}": torch.cat(v) for g, v in groups.items()}
+
+
 def _progress_fields(m: dict) -> dict:
     return {"reward": f"{m.get('reward/mean', float('nan')):.3f}",
             "phi": f"{m.get('phi/mean', float('nan')):.3f}",
@@ -176,6 +192,11 @@ def train_online_rank(rank: int, world_size: int, config: Config, resume: bool) 
                         path = run_dir / "routing" / f"step_{version:08d}.png"
                         write_load_heatmap(learner.last_routing_load, path, title=f"expert load, step {version}")
                         top.tracker.log_artifact(path, "routing")
+                    if cfg.histogram_interval and version % cfg.histogram_interval == 0:
+                        values = weight_histogram_values(learner.chunks)
+                        if learner.last_seq_coef is not None:
+                            values["phi (rank 0 sequences)"] = learner.last_seq_coef
+                        top.tracker.log_histograms(version, values)
                     top.log(version, metrics)
                 last = metrics
                 since_save += 1

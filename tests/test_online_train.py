@@ -83,7 +83,7 @@ def test_async_distributed_weights_with_r3(tmp_path):
         train={"staleness": 1, "rollout_batch_size": 8, "world_size": 2, "save_interval": 0},
         rollout={"mode": "async", "max_staleness": 1, "weight_sync": "distributed",
                  "fleet": {"num_servers": 1, "server": {"enable_routed_experts": True}}},
-        algorithm={"routing_replay": "R3"})
+        algorithm={"routing_replay": "R3", "correct_mismatch": True})
     run_dir = tmp_path / "run"
     _train(config, run_dir)
     steps = [r for r in _metrics(run_dir) if "loss" in r]
@@ -92,6 +92,7 @@ def test_async_distributed_weights_with_r3(tmp_path):
         assert r["staleness/lag_max"] <= 1
         assert sum(r[f"staleness/lag_hist/{k}"] for k in (0, 1)) == 2  # 2 groups of 4 per step
         assert r["staleness/sample_lag_mean"] <= 1
+        assert r["mismatch/k3_kl"] >= 0  # W is taken against the engine's log-probs
     assert (run_dir / "checkpoints").is_dir()
 
 

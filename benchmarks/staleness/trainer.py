@@ -123,8 +123,10 @@ def _packed(roll: Rollout, advantages: Tensor) -> PackedBatch:
     )
 
 
-def _diagnostics(logp: Tensor, batch: PackedBatch, constants: KernelConstants) -> tuple[dict, Tensor, SequenceStats]:
-    """phi / log W / ESS statistics of one mini-batch, and the phi [S] of `constants`."""
+def _diagnostics(logp: Tensor, batch: PackedBatch,
+                 constants: KernelConstants) -> tuple[dict, Tensor, SequenceStats]:
+    """phi / log W / ESS statistics of one mini-batch [T] and the phi [S] of `constants`; also
+    is/w_ess, the normalised ESS (sum W)^2 / (S sum W^2) of plain sequence importance sampling."""
     r, finite = token_log_ratio(logp.detach(), batch.old_logp)
     seq = SequenceStats.from_sums(local_sequence_sums(r, finite, batch.loss_mask, batch.local_seq_lengths))
     phi = torch.where(seq.valid, vespo_phi(seq.log_w, batch.advantages, **asdict(constants)), 0.0)

@@ -29,6 +29,8 @@ class TrainConfig:
     # Optimizer steps between expert-load heat-maps (output_dir/routing/step_XXXXXXXX.png; needs
     # algorithm.routing_metrics); 0: never.
     heatmap_interval: int = 0
+    # Optimizer steps between weight and phi histograms (online training, MLflow artifacts); 0: never.
+    histogram_interval: int = 0
     # Optimizer steps between held-out evaluations (online training; greedy, one response per
     # eval prompt); 0: never.
     eval_interval: int = 0
@@ -38,7 +40,8 @@ class TrainConfig:
                      "logprob_chunk_tokens", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_interval", "heatmap_interval", "eval_interval"):
+        for name in ("max_steps", "save_interval", "heatmap_interval", "eval_interval",
+                     "histogram_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.rollout_batch_size % self.staleness:

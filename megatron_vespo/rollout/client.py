@@ -169,6 +169,7 @@ class RolloutClient:
         self.on_invalid = on_invalid
         self.stats = RolloutStats()
         self._health_lock: Optional[asyncio.Lock] = None
+        self._per_server: dict[str, int] = {}  # requests in flight per server URL (direct mode)
 
     def _payload(self, prompt: PromptRequest) -> dict:
         payload = {"input_ids": list(prompt.prompt_ids), "sampling_params": self.sampling.sglang_params(self.n),
@@ -180,11 +181,13 @@ class RolloutClient:
     async def _post(self, session: aiohttp.ClientSession, payload: dict) -> tuple[Any, float]:
         """One /generate call -> (decoded body, seconds). _Retriable for what a healthy server
         would not do; RolloutError for a request the server rejects (4xx: resending cannot help)."""
-        url = self.fleet.router_url + "/generate"
+        base = self._target()
+        url = base + "/generate"
         timeout = aiohttp.ClientTimeout(total=self.fleet.cfg.request_timeout_s)
         start = time.perf_counter()
         self.stats.requests_sent += 1
         self.stats.in_flight += 1
+        self._per_server[base] = self._per_server.get(base, 0) + 1
         self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         try:
             async with session.post(url, json=payload, timeout=timeout) as r:
@@ -201,6 +204,18 @@ class RolloutClient:
             raise _Retriable(f"{type(e).__name__} from {url}: {e}") from None
         finally:
             self.stats.in_flight -= 1
+            self._per_server[base] -= 1
+
+    def _target(self) -> str:
+        """Where a /generate goes: the router, except with routed experts. sglang-router 0.3.2
+        drops the `return_routed_experts` field, so those requests go to the servers directly,
+        the one with the fewest requests in flight first (the fleet's health checks still apply)."""
+        if not self.return_routed_experts:
+            return self.fleet.router_url
+        urls = self.fleet.worker_urls
+        if not urls:
+            raise _Retriable("no healthy rollout server left")
+        return min(urls, key=lambda u: self._per_server.get(u, 0))
 
     async def _check_health(self) -> None:
         """fleet.check_health off the event loop, one at a time (a dying server fails many

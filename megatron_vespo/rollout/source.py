@@ -168,29 +168,30 @@ class RolloutSource:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def _one(self, session: aiohttp.ClientSession, prompt: PromptRequest, version: int) -> None:
+        """Generate, reward and queue one group; every outcome frees or fills its slot."""
         buffer = self.buffer
         try:
             gens = await self.client.generate_group(session, prompt)
+            if not gens:  # an invalid answer, skipped and counted by the client
+                buffer.release()
+                return
+            if self.cfg.partial_rollout == "drop" and any(len(g.weight_versions) > 1 for g in gens):
+                self._dropped_partial += 1
+                self._retry.append(prompt)
+                buffer.release()
+                return
+            samples = to_samples(gens, self.reward)
         except asyncio.CancelledError:
             buffer.release()
             raise
-        except BaseException as e:  # noqa: BLE001 - a dead fleet ends training with its error
+        except BaseException as e:  # noqa: BLE001 - a dead fleet or a failing reward ends training
             buffer.release()
             self._error = self._error or e
             buffer.close()
             return
-        if not gens:  # an invalid answer, skipped and counted by the client
-            buffer.release()
-            return
-        if self.cfg.partial_rollout == "drop" and any(len(g.weight_versions) > 1 for g in gens):
-            self._dropped_partial += 1
-            self._retry.append(prompt)
-            buffer.release()
-            return
         self._tokens += sum(len(g.response_ids) for g in gens)
         # The behaviour policy is the oldest weights that sampled any of the group's tokens.
-        started = min(version, *(g.weight_version for g in gens))
-        buffer.accept(to_samples(gens, self.reward), started)
+        buffer.accept(samples, min(version, *(g.weight_version for g in gens)))
 
     def take(self) -> tuple[list[Sample], dict[str, float]]:
         """The next step's samples (async mode) and rollout metrics, including the lag histogram."""
