@@ -18,6 +18,7 @@ import yaml
 
 from .algo.advantages import AdvantageConfig
 from .algo.kernel import KernelConstants
+from .algo.kernel_control import KernelControlConfig
 from .algo.policy_losses import (POLICY_LOSSES, CispoParams, ClipParams, GspoParams, SapoParams,
                                  SeqIsParams)
 from .learner.learner import LossSettings, OptimConfig, check_learner_settings
@@ -57,10 +58,15 @@ class AlgorithmConfig:
     # MoE routing metrics in every step (moe/drift_*, moe/route_*, moe/router_kl, expert load);
     # MoE models with parallel.pp == 1 only.
     routing_metrics: bool = False
+    # vespo_adaptive: c2 per advantage sign becomes a dual variable, stepped each optimizer step
+    # toward E_Q[W] = budget (the constraint behind the variance bound); null: fixed constants.
+    kernel_control: Optional[KernelControlConfig] = None
 
     def __post_init__(self) -> None:
         if self.loss not in POLICY_LOSSES:
             raise ValueError(f"loss={self.loss!r} is unknown; allowed: {sorted(POLICY_LOSSES)}")
+        if self.kernel_control is not None and self.loss != "vespo":
+            raise ValueError(f"kernel_control adapts the vespo kernel; loss is {self.loss!r}")
         check_replay_mode(self.routing_replay)
 
     @property

@@ -23,7 +23,7 @@ from .config import Config
 from .learner.checkpoint import load_checkpoint, save_checkpoint
 from .learner.learner import Learner
 from .learner.samples import Sample, read_samples
-from .rollout_batch import mini_batches, train_rollout_batch
+from .rollout_batch import kernel_state, mini_batches, restore_kernel, train_rollout_batch
 from .tracking.heatmap import write_load_heatmap
 from .tracking.jsonl import JsonlMetrics
 
@@ -70,6 +70,7 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
     cursor = {"epoch": 0, "rollout_batch": 0}
     if resume:
         cursor = load_checkpoint(learner, ckpt_root) or cursor
+        restore_kernel(learner, cursor.get("kernel"))
     samples = read_samples(rollouts, vocab_size=config.model.vocab_size)
     batches, leftover = rollout_batches(samples, cfg.rollout_batch_size)
     sink = JsonlMetrics(out_dir / "metrics.jsonl") if rank == 0 else None
@@ -113,10 +114,10 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
             train_rollout_batch(learner, config, batch, cfg.staleness, after_step)
             cursor = {"epoch": epoch, "rollout_batch": b + 1}
             if cfg.save_interval and since_save >= cfg.save_interval:
-                save_checkpoint(learner, ckpt_root, cursor)
+                save_checkpoint(learner, ckpt_root, {**cursor, "kernel": kernel_state(learner)})
                 since_save = 0
     if since_save:
-        save_checkpoint(learner, ckpt_root, cursor)
+        save_checkpoint(learner, ckpt_root, {**cursor, "kernel": kernel_state(learner)})
     if sink:
         sink.close()
         consumed.close()

@@ -35,7 +35,7 @@ from .rollout.client import RolloutClient
 from .rollout.fleet import Fleet
 from .rollout.source import RolloutSource
 from .rollout.weight_sync import DiskWeightSync, DistributedWeightSync
-from .rollout_batch import train_rollout_batch
+from .rollout_batch import kernel_state, restore_kernel, train_rollout_batch
 from .tasks import build_task, load_tokenizer
 from .tracking.heatmap import write_load_heatmap
 from .tracking.jsonl import JsonlMetrics
@@ -153,6 +153,7 @@ def train_online_rank(rank: int, world_size: int, config: Config, resume: bool) 
     cursor: dict = {"task": None}
     if resume:
         cursor = load_checkpoint(learner, run_dir / "checkpoints") or cursor
+        restore_kernel(learner, cursor.get("kernel"))
     # The fleet starts from an HF directory: the initial checkpoint, or this learner's weights.
     model_path = cfg.init_hf_checkpoint
     if model_path is None or learner.policy_version > 0:
@@ -167,6 +168,13 @@ def train_online_rank(rank: int, world_size: int, config: Config, resume: bool) 
                      learner.policy_version)
     if top and r.mode == "async":
         top.source.start(learner.policy_version)
+
+    def checkpoint() -> None:
+        # The prompt cursor lives on rank 0; every rank saves (the save is collective).
+        task_state = _broadcast(top.task.state_dict() if top else None, control)
+        save_checkpoint(learner, run_dir / "checkpoints",
+                        {"task": task_state, "kernel": kernel_state(learner)})
+
     last: dict = {}
     since_save = since_sync = 0
     status = "FAILED"
@@ -215,8 +223,7 @@ def train_online_rank(rank: int, world_size: int, config: Config, resume: bool) 
                 top.log(version, top.source.evaluate(top.eval_prompts))
             stopping = _any_rank(stop.requested, control)
             if stopping or (cfg.save_interval and since_save >= cfg.save_interval):
-                state = _broadcast(top.task.state_dict() if top else None, control)
-                save_checkpoint(learner, run_dir / "checkpoints", {"task": state})
+                checkpoint()
                 since_save = 0
             if stopping:
                 status = "KILLED"
@@ -224,8 +231,7 @@ def train_online_rank(rank: int, world_size: int, config: Config, resume: bool) 
         else:
             status = "FINISHED"
         if since_save:
-            state = _broadcast(top.task.state_dict() if top else None, control)
-            save_checkpoint(learner, run_dir / "checkpoints", {"task": state})
+            checkpoint()
     finally:
         with contextlib.suppress(Exception):
             weights.close()

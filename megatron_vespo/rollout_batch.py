@@ -9,8 +9,12 @@ N optimizer steps, the k-th of which trains on data k versions behind the curren
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, replace
 from typing import Callable, Optional, Sequence
 
+from .algo.kernel import KernelConstants
+from .algo.kernel_control import AdaptiveC2
 from .config import Config
 from .learner.batching import rank_micro_batches, sample_advantages
 from .learner.learner import Learner
@@ -60,7 +64,36 @@ def train_rollout_batch(learner: Learner, config: Config, batch: Sequence[Sample
         metrics = learner.train_step(micro_batches, global_denominators(micro_batches, groups.dp),
                                      routes[k])
         metrics.update({"reward/mean": reward, "staleness/versions_behind": float(k)})
+        adapt_kernel(learner, config, metrics)
         if after_step:
             after_step(k, metrics)
         out.append(metrics)
     return out
+
+
+def adapt_kernel(learner: Learner, config: Config, metrics: dict) -> None:
+    """vespo with `algorithm.kernel_control` (vespo_adaptive): one projected dual step on c2 per
+    advantage sign from this step's E_Q[W] (`phi/q_w_{pos,neg}`, identical on every rank), so the
+    next step's kernel pulls E_Q[W] toward the budget C the variance bound assumes. Logs the c2 the
+    next step uses as `kernel/c2_{pos,neg}`."""
+    control = config.algorithm.kernel_control
+    if control is None:
+        return
+    nan = math.nan
+    state = AdaptiveC2(learner.loss.params).update(control, metrics.get("phi/q_w_pos", nan),
+                                                   metrics.get("phi/q_w_neg", nan))
+    learner.loss = replace(learner.loss, params=state.constants)
+    metrics["kernel/c2_pos"] = state.constants.c2_pos
+    metrics["kernel/c2_neg"] = state.constants.c2_neg
+
+
+def kernel_state(learner: Learner) -> Optional[dict]:
+    """The kernel constants in use (adapted ones included), for a checkpoint's extra state."""
+    params = learner.loss.params
+    return asdict(params) if isinstance(params, KernelConstants) else None
+
+
+def restore_kernel(learner: Learner, state: Optional[dict]) -> None:
+    """Put a checkpoint's kernel constants back (a resumed vespo_adaptive run continues its c2)."""
+    if state is not None and isinstance(learner.loss.params, KernelConstants):
+        learner.loss = replace(learner.loss, params=KernelConstants(**state))

@@ -99,3 +99,26 @@ def test_r3_without_engine_routes_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "8 samples have no routed_experts (first: ['s0', 's1', 's2'])" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_vespo_adaptive_steps_c2_and_resumes_it(tmp_path):
+    """algorithm.kernel_control (vespo_adaptive): c2 moves by the dual step after every step, is
+    saved with the checkpoint, and a resumed run continues from the saved c2."""
+    rollouts = tmp_path / "rollouts.jsonl"
+    write_samples(rollouts, make_samples(n=16, vocab=64))
+    control = "algorithm.kernel_control={budget: 0.5, step_size: 2.0}"
+    result = train(tmp_path, rollouts, control, "train.world_size=1", "train.max_steps=2")
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for row in rows:  # with budget 0.5 < E_Q[W], c2 = clip(c2 + 2 (E_Q[W] - 0.5)) rises
+        assert row["phi/q_w_pos"] > 0.5
+    expected = 3.0
+    for row in rows:
+        expected = min(expected + 2.0 * (row["phi/q_w_pos"] - 0.5), 10.0)
+        assert row["kernel/c2_pos"] == pytest.approx(expected, rel=1e-9)
+    result = train(tmp_path, rollouts, control, "train.world_size=1", resume=True)
+    assert result.returncode == 0, result.stderr
+    resumed = read_metrics(tmp_path / "run" / "metrics.jsonl")[len(rows):]
+    assert resumed[0]["kernel/c2_pos"] == pytest.approx(
+        min(expected + 2.0 * (resumed[0]["phi/q_w_pos"] - 0.5), 10.0), rel=1e-9)

@@ -15,9 +15,6 @@ the fleet removes dead workers explicitly (`RouterClient.remove_worker`).
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +22,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import requests
+
+from .process import SessionProcess
 
 
 class RouterError(RuntimeError):
@@ -114,59 +113,18 @@ def router_argv(port: int, metrics_port: int, worker_urls: Sequence[str], host: 
     return argv + list(extra_args)
 
 
-class RouterProcess:
+class RouterProcess(SessionProcess):
     """A router subprocess in its own session: start, wait until it answers, stop (SIGTERM, then
     SIGKILL). `client` is its admin API."""
 
     def __init__(self, port: int, metrics_port: int, log_path: Path, worker_urls: Sequence[str] = (),
                  host: str = "127.0.0.1", policy: str = "round_robin", extra_args: Sequence[str] = ()):
-        self.argv = router_argv(port, metrics_port, worker_urls, host, policy, extra_args)
-        self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        super().__init__(router_argv(port, metrics_port, worker_urls, host, policy, extra_args), url,
+                         log_path)
         self.client = RouterClient(self.url)
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Block until `GET /workers` answers; RouterError (with the log tail) if the process exits
         or the timeout passes."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise RouterError(f"router {self.url} exited with code {self.proc.returncode}; "
-                                  f"log {self.log_path}:\n{self._log_tail()}")
-            if self.client.reachable():
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise RouterError(f"router {self.url} not answering after {timeout_s:.0f}s; log {self.log_path}:\n"
-                          f"{self._log_tail()}")
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the router's process group; SIGKILL it if still there after grace_s."""
-        if self.alive:
-            self._signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        self._signal(signal.SIGKILL)
-        self.proc.wait()
+        self.wait_until(self.client.reachable, timeout_s, "router", RouterError)

@@ -9,17 +9,15 @@ group) so that stopping it also stops sglang's scheduler and detokenizer childre
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import requests
 import torch
+
+from .process import SessionProcess
 
 CPU_KV_TOKENS = 65536
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
@@ -113,65 +111,17 @@ def weight_version(url: str) -> str:
     return str(get_json(url, "/model_info")["weight_version"])
 
 
-class SGLangServer:
+class SGLangServer(SessionProcess):
     """An SGLang server subprocess: start, wait until healthy, stop (SIGTERM, then SIGKILL)."""
 
     def __init__(self, model_path: str, port: int, opts: ServerOptions, log_path: Path,
                  env: Optional[dict] = None):
-        self.argv = server_argv(model_path, port, opts)
-        self.url = f"http://{'127.0.0.1' if opts.host == '0.0.0.0' else opts.host}:{port}"
+        host = "127.0.0.1" if opts.host == "0.0.0.0" else opts.host
+        super().__init__(server_argv(model_path, port, opts), f"http://{host}:{port}", log_path, env)
         self.opts = opts
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})}, start_new_session=True)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
 
     def wait_healthy(self, timeout: Optional[float] = None) -> None:
         """Block until /health answers 200; ServerError (with the log tail) if the process exits or
         the timeout passes."""
-        deadline = time.monotonic() + (timeout or self.opts.startup_timeout_s)
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise ServerError(f"SGLang server {self.url} exited with code {self.proc.returncode} "
-                                  f"during start-up; log {self.log_path}:\n{self._log_tail()}")
-            if is_healthy(self.url, timeout=2.0):
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise ServerError(f"SGLang server {self.url} not healthy after "
-                          f"{timeout or self.opts.startup_timeout_s:.0f}s; log {self.log_path}:\n"
-                          f"{self._log_tail()}")
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """SIGKILL the server and its children at once (what a crash looks like to the fleet)."""
-        self._signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the server's process group; SIGKILL whatever is left after grace_s."""
-        if self.alive:
-            self._signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        self._signal(signal.SIGKILL)  # sglang children may outlive their parent
-        self.proc.wait()
+        self.wait_until(lambda: is_healthy(self.url, timeout=2.0), timeout or self.opts.startup_timeout_s,
+                        "SGLang server", ServerError)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .figures import new_figure, save_png
 
 
 def write_load_heatmap(load: Tensor, path: str | os.PathLike, title: Optional[str] = None) -> Path:
@@ -20,19 +21,13 @@ def write_load_heatmap(load: Tensor, path: str | os.PathLike, title: Optional[st
     """
     if load.dim() != 2:
         raise ValueError(f"load must be [L, E], got shape {tuple(load.shape)}")
-    # Figure + Agg canvas directly: no pyplot global state, safe off the main thread.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     import matplotlib
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = load.detach().to(torch.float64).cpu().numpy()
     num_layers, num_experts = data.shape
 
-    fig = Figure(figsize=(max(4.0, 0.25 * num_experts + 2.0), max(3.0, 0.3 * num_layers + 1.5)))
-    FigureCanvasAgg(fig)
+    fig = new_figure(max(4.0, 0.25 * num_experts + 2.0), max(3.0, 0.3 * num_layers + 1.5))
     ax = fig.add_subplot(1, 1, 1)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     finite = np.isfinite(data)
@@ -52,18 +47,4 @@ def write_load_heatmap(load: Tensor, path: str | os.PathLike, title: Optional[st
     fig.colorbar(image, ax=ax, label="token share")
     fig.tight_layout()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return save_png(fig, path)
