@@ -52,5 +52,5 @@ def test_bad_values_name_the_key(override, message):
 def test_a_file_with_an_unknown_top_level_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("algorithm: {loss: vespo}\nrollouts: {}\n")
-    with pytest.raises(ConfigError, match=r"^rollouts: unknown key; allowed: \['algorithm', 'model', 'optim', 'parallel', 'train'\]"):
+    with pytest.raises(ConfigError, match=r"^rollouts: unknown key; allowed: \['algorithm', 'model', 'optim', 'parallel', 'rollout', 'slurm', 'task', 'tracking', 'train'\]"):
         load_config(path)
