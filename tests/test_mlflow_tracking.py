@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from megatron_vespo.config import Config
+from megatron_vespo.config import Config, load_config
 from megatron_vespo.tracking.heatmap import write_load_heatmap
 from megatron_vespo.tracking.histograms import write_histograms
 from megatron_vespo.tracking.kernel_plot import write_kernel_plot
@@ -177,7 +176,7 @@ def test_run_records_params_metrics_and_artifacts(server, shm_dir, monkeypatch):
         "config.yaml", "plots/phi_kernel.png", "routing/step_00000004.png",
         "histograms/step_00000004.png"}
     local = client.download_artifacts(tracker.run_id, "config.yaml", str(shm_dir / "download"))
-    assert yaml.safe_load(Path(local).read_text()) == dataclasses.asdict(config)
+    assert load_config(local) == config  # the resolved config, read back whole
 
 
 def test_outage_buffers_then_flushes_every_step_once_in_order(server, shm_dir):
