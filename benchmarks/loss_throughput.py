@@ -16,9 +16,9 @@ copy's actual traffic is read + write). GB/s = counted bytes / best time. Copy, 
 interleaved in every round (so a load change on a shared machine hits all of them), the first
 `--warmup` rounds are discarded and the best of `--repeats` rounds is reported.
 
-A second table splits the vespo step into its pieces (best of the same number of rounds each):
-token log-ratio, per-sequence sums (where the CP all-reduce would go), the loss function's forward
-(phi, loss, metric sums), backward and finalize. `--profile` adds a torch.profiler op table.
+A second table splits the vespo step into its pieces (best of the same number of rounds each): the
+fused per-sequence sums (where the CP all-reduce would go), the loss function's forward (phi, loss,
+metric sums), backward and finalize. `--profile` adds a torch.profiler op table.
 
 Threads: `torch.set_num_threads(--threads)`, default all cores available to the process.
 On CPU, every tensor above 32 MiB is mmap'd fresh by glibc and page-faulted on first touch;
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import print_table, verdict  # noqa: E402
-from megatron_vespo.algo.importance import behaviour_logprobs, token_log_ratio  # noqa: E402
+from megatron_vespo.algo.importance import behaviour_logprobs  # noqa: E402
 from megatron_vespo.algo.policy_losses import (  # noqa: E402
     Denominators,
     PolicyLossInput,
@@ -168,26 +168,24 @@ def main(argv=None) -> int:
 
 def breakdown(logp, batch, denom, policy_loss, name, args, end_to_end: float) -> None:
     """Best-of times of the pieces `shard_policy_loss` + backward + finalize are made of."""
-    pieces = ["token log-ratio", "per-sequence sums (CP all-reduce point)",
+    pieces = ["per-sequence sums, one fused pass (CP all-reduce point)",
               f"{name} forward (phi, loss, metric sums)", "backward", "metrics.finalize"]
     best = dict.fromkeys(pieces, float("inf"))
     for round_ in range(args.warmup + args.repeats):
         logp.grad = None
         marks = [time.perf_counter()]
         behaviour = behaviour_logprobs(batch.old_logp, batch.engine_logp, False)
-        r, finite = token_log_ratio(logp.detach(), behaviour)
-        marks.append(time.perf_counter())
-        seq = sequence_stats(r, finite, batch.loss_mask, batch.local_seq_lengths)
+        seq, local = sequence_stats(logp, behaviour, batch.loss_mask, batch.local_seq_lengths)
         marks.append(time.perf_counter())
         out = policy_loss(PolicyLossInput(logp=logp, behaviour_logp=behaviour, mask=batch.loss_mask,
                                           seq_index=batch.seq_index, advantages=batch.advantages,
-                                          seq=seq, denom=denom))
+                                          seq=seq, local=local, denom=denom))
         marks.append(time.perf_counter())
         out.loss.backward()
         marks.append(time.perf_counter())
         out.metrics.finalize()
         marks.append(time.perf_counter())
-        del r, finite, seq, out
+        del seq, local, out
         if round_ >= args.warmup:
             for piece, t0, t1 in zip(pieces, marks, marks[1:]):
                 best[piece] = min(best[piece], t1 - t0)

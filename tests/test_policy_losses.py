@@ -165,22 +165,20 @@ def test_bad_input_gets_a_clear_error():
     batch, logp = make()
     denom = global_denominators([batch], None)
     loss = get_policy_loss("vespo")
-    stats = _stats(batch, logp)
+    stats, local = _stats(batch, logp)
     with pytest.raises(ValueError, match="no response tokens"):
         Denominators(tokens=0.0, sequences=0.0)
     with pytest.raises(ValueError, match="behaviour_logp has shape"):
         loss(PolicyLossInput(logp, batch.old_logp[:-1], batch.loss_mask, batch.seq_index,
-                             batch.advantages, stats, denom))
+                             batch.advantages, stats, local, denom))
     with pytest.raises(ValueError, match="advantages has shape"):
         loss(PolicyLossInput(logp, batch.old_logp, batch.loss_mask, batch.seq_index,
-                             batch.advantages[:-1], stats, denom))
+                             batch.advantages[:-1], stats, local, denom))
     with pytest.raises(ValueError, match="correct_mismatch needs engine"):
         shard_policy_loss(logp, replace(batch, engine_logp=None), denom, loss, correct_mismatch=True)
 
 
 def _stats(batch, logp):
-    from megatron_vespo.algo.importance import token_log_ratio
     from megatron_vespo.parallel.sequence_reduce import sequence_stats
 
-    r, finite = token_log_ratio(logp.detach(), batch.old_logp)
-    return sequence_stats(r, finite, batch.loss_mask, batch.local_seq_lengths)
+    return sequence_stats(logp, batch.old_logp, batch.loss_mask, batch.local_seq_lengths)

@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megatron_vespo import cli
-from megatron_vespo.algo.importance import SequenceStats, local_sequence_sums, token_log_ratio
+from megatron_vespo.algo.importance import SequenceStats, local_sequence_sums
 from megatron_vespo.algo.policy_losses import POLICY_LOSSES, PolicyLossInput, get_policy_loss
 from megatron_vespo.learner.samples import write_samples
 from megatron_vespo.parallel.packing import (PackedBatch, cp_shard, cp_unshard, pack_sequences,
@@ -291,13 +291,12 @@ def cp_loss_and_grad(loss, batch, logp, denom, cp):
     shards = [cp_shard(batch, cp, r) for r in range(cp)]
     leaves = [logp[zigzag_index(batch.cu_seqlens_padded, cp, r)].clone().requires_grad_()
               for r in range(cp)]
-    sums = []
-    for s, leaf in zip(shards, leaves):
-        r, finite = token_log_ratio(leaf.detach(), s.old_logp)
-        sums.append(local_sequence_sums(r, finite, s.loss_mask, s.local_seq_lengths))
-    seq = SequenceStats.from_sums(torch.stack(sums).sum(0))
+    parts = [local_sequence_sums(leaf, s.old_logp, s.loss_mask, s.local_seq_lengths)
+             for s, leaf in zip(shards, leaves)]
+    seq = SequenceStats.from_sums(torch.stack([sums for sums, _ in parts]).sum(0))
     total = sum(loss(PolicyLossInput(leaf, s.old_logp, s.loss_mask, s.seq_index, s.advantages, seq,
-                                     denom)).loss for s, leaf in zip(shards, leaves))
+                                     local, denom)).loss
+                for s, leaf, (_, local) in zip(shards, leaves, parts))
     grads = torch.autograd.grad(total, leaves)
     return total, cp_unshard(list(grads), batch.cu_seqlens_padded)
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from megatron_vespo.algo.advantages import group_relative_advantages
-from megatron_vespo.algo.importance import SequenceStats, local_sequence_sums, token_log_ratio
+from megatron_vespo.algo.importance import SequenceStats, local_sequence_sums
 from megatron_vespo.algo.kernel import KernelConstants, variance_bound_constant, vespo_phi
 from megatron_vespo.algo.kernel_control import AdaptiveC2, KernelControlConfig, proposal_mean_w
 from megatron_vespo.algo.metrics import sequence_metrics
@@ -127,8 +127,9 @@ def _diagnostics(logp: Tensor, batch: PackedBatch,
                  constants: KernelConstants) -> tuple[dict, Tensor, SequenceStats]:
     """phi / log W / ESS statistics of one mini-batch [T] and the phi [S] of `constants`; also
     is/w_ess, the normalised ESS (sum W)^2 / (S sum W^2) of plain sequence importance sampling."""
-    r, finite = token_log_ratio(logp.detach(), batch.old_logp)
-    seq = SequenceStats.from_sums(local_sequence_sums(r, finite, batch.loss_mask, batch.local_seq_lengths))
+    sums, _ = local_sequence_sums(logp.detach(), batch.old_logp, batch.loss_mask,
+                                  batch.local_seq_lengths)
+    seq = SequenceStats.from_sums(sums)
     phi = torch.where(seq.valid, vespo_phi(seq.log_w, batch.advantages, **asdict(constants)), 0.0)
     k = (variance_bound_constant(*constants.for_sign(True)),
          variance_bound_constant(*constants.for_sign(False)))

@@ -2,8 +2,9 @@
 
 The sequence log-weight is log W = sum_t r_t with r_t = log pi_t - log mu_t over response tokens,
 the full product and never divided by the length. Tokens may be spread over context-parallel ranks:
-`local_sequence_sums` sums a rank's own tokens per sequence and the parallel layer adds the ranks'
-sums (one all-reduce of [S, 3] scalars) before `SequenceStats.from_sums` finishes the statistics.
+`local_sequence_sums` sums a rank's own tokens per sequence in one fused pass, and the parallel layer
+adds the ranks' sums (one all-reduce of [S, 3] scalars) before `SequenceStats.from_sums` finishes the
+statistics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import segment_kernels
 from .kernel import LOG_RATIO_CLAMP
 
 
@@ -53,22 +55,47 @@ def token_log_ratio(logp: Tensor, behaviour_logp: Tensor) -> tuple[Tensor, Tenso
     return r, finite
 
 
-@torch.no_grad()
-def local_sequence_sums(r: Tensor, finite: Tensor, mask: Tensor, seq_lengths: Tensor) -> Tensor:
-    """Sum this rank's tokens per sequence.
+@dataclass(frozen=True)
+class LocalSequenceSums:
+    """This rank's share of each sequence, [S] each: `logp_sum`, float32 sum of log pi over its
+    response tokens (differentiable w.r.t. the per-token log pi); `num_tokens`, their count."""
+
+    logp_sum: Tensor
+    num_tokens: Tensor
+
+
+class _SequenceSums(torch.autograd.Function):
+    """One fused pass: the detached ratio sums and the differentiable log pi sums per sequence."""
+
+    @staticmethod
+    def forward(ctx, logp, behaviour_logp, mask, seq_lengths):
+        ratio_sums, logp_sums = segment_kernels.forward_sums(logp, behaviour_logp, mask, seq_lengths)
+        ctx.save_for_backward(mask, seq_lengths)
+        ctx.mark_non_differentiable(ratio_sums)
+        return ratio_sums, logp_sums
+
+    @staticmethod
+    def backward(ctx, _grad_ratio_sums, grad_logp_sums):
+        mask, seq_lengths = ctx.saved_tensors
+        return segment_kernels.expand(grad_logp_sums, mask, seq_lengths), None, None, None
+
+
+def local_sequence_sums(logp: Tensor, behaviour_logp: Tensor, mask: Tensor,
+                        seq_lengths: Tensor) -> tuple[Tensor, LocalSequenceSums]:
+    """Sum this rank's tokens per sequence in one pass over them.
 
     Args:
-        r, finite, mask: [T] (mask: response tokens that count).
+        logp: [T] log pi (with or without grad). behaviour_logp: [T] the ratio's denominator.
+        mask: [T] response tokens that count.
         seq_lengths: [S] int64, positions of each sequence on this rank; a sequence's positions are
             contiguous and the lengths sum to T (the packed layout guarantees both).
     Returns:
-        [S, 3] float64: (sum of r, response-token count, non-finite token count). Segments are
-        summed in fp32 (a contiguous segment reduction, the fast path on every device); the [S, 3]
-        result is float64 so the cross-rank sum adds no rounding of its own.
+        ratio_sums: [S, 3] float64 (sum of the guarded r_t, response-token count, non-finite r_t
+            count), to be summed over CP ranks and turned into `SequenceStats.from_sums`.
+        local: this rank's `LocalSequenceSums`.
     """
-    m = mask.bool()
-    cols = torch.stack([torch.where(m, r.detach().float(), 0.0), m.float(), (m & ~finite).float()], 1)
-    return torch.segment_reduce(cols, "sum", lengths=seq_lengths, axis=0).double()
+    ratio_sums, logp_sum = _SequenceSums.apply(logp, behaviour_logp, mask, seq_lengths)
+    return ratio_sums, LocalSequenceSums(logp_sum, ratio_sums[:, 1].clone())
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .importance import SequenceStats, token_log_ratio
+from .importance import LocalSequenceSums, SequenceStats, token_log_ratio
 from .kernel import KernelConstants, variance_bound_constant, vespo_phi
 from .metrics import MetricSums, sequence_metrics
 
@@ -56,6 +56,8 @@ class PolicyLossInput:
     logp: [T] log pi with grad. behaviour_logp: [T] the ratio's denominator (old policy, or the
     engine's with the mismatch fold; see `importance.behaviour_logprobs`). mask: [T] response tokens.
     seq_index: [T] int64 sequence of each token. advantages: [S]. seq: CP-reduced `SequenceStats`.
+    local: this rank's per-sequence log pi sums and token counts (`importance.local_sequence_sums`),
+    from which the sequence-level losses are computed without another pass over the tokens.
     """
 
     logp: Tensor
@@ -64,6 +66,7 @@ class PolicyLossInput:
     seq_index: Tensor
     advantages: Tensor
     seq: SequenceStats
+    local: LocalSequenceSums
     denom: Denominators
 
     def __post_init__(self) -> None:
@@ -73,10 +76,11 @@ class PolicyLossInput:
         for name in ("behaviour_logp", "mask", "seq_index"):
             if getattr(self, name).shape != t:
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, logp {tuple(t)}")
-        if self.advantages.shape != (self.seq.num_seqs,):
-            raise ValueError(
-                f"advantages has shape {tuple(self.advantages.shape)}, expected ({self.seq.num_seqs},)"
-            )
+        for name, value in (("advantages", self.advantages), ("local.logp_sum", self.local.logp_sum)):
+            if value.shape != (self.seq.num_seqs,):
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}, expected ({self.seq.num_seqs},)"
+                )
         if self.seq_index.dtype != torch.int64:
             raise ValueError(f"seq_index must be int64, got {self.seq_index.dtype}")
 
@@ -135,15 +139,20 @@ def get_policy_loss(name: str) -> PolicyLoss:
 
 
 def _token_stats(inp: PolicyLossInput, loss: Tensor, **counts: Tensor) -> MetricSums:
-    tok = {"loss": loss.detach().double(), "n_tok": inp.contributing.sum(dtype=torch.float64)}
+    # Contributing tokens, counted per sequence: this rank's response tokens of valid sequences.
+    n_tok = torch.where(inp.seq.valid, inp.local.num_tokens, 0.0).sum(dtype=torch.float64)
+    tok = {"loss": loss.detach().double(), "n_tok": n_tok}
     tok.update({k: v.sum(dtype=torch.float64) for k, v in counts.items()})
     return MetricSums(tok=tok)
 
 
 def _weighted_reinforce(inp: PolicyLossInput, seq_weight: Tensor) -> Tensor:
-    """-sum_t sg[w_i] A_i log pi_t / N_tokens over this rank's tokens."""
-    coef = (seq_weight.detach().float() * inp.advantages.float())[inp.seq_index]
-    return -(coef * inp.masked_logp()).sum() / inp.denom.tokens
+    """-sum_i sg[w_i] A_i sum_t log pi_t / N_tokens over this rank's tokens, from the per-sequence
+    log pi sums: the gradient reaches each token through their one-pass backward. Invalid
+    sequences (a NaN log pi among them) contribute 0 and a zero gradient."""
+    valid = inp.seq.valid
+    coef = torch.where(valid, seq_weight.detach().float() * inp.advantages.float(), 0.0)
+    return -(coef * torch.where(valid, inp.local.logp_sum, 0.0)).sum() / inp.denom.tokens
 
 
 @register("vespo", KernelConstants)

@@ -1,7 +1,7 @@
 """The policy objective on one rank's shard of a micro-batch: from per-token log pi to the loss.
 
 This is the whole path of a sample's tokens through the loss: choose the ratio's denominator (old
-policy or engine), guard the token log-ratios, one CP all-reduce of per-sequence scalars, then the
+policy or engine), one fused pass for the per-sequence sums, one CP all-reduce of their scalars, then the
 registered policy loss on local tokens, plus the mismatch metrics when engine log-probs are present.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 from torch import Tensor
 
-from ..algo.importance import behaviour_logprobs, token_log_ratio
+from ..algo.importance import behaviour_logprobs
 from ..algo.metrics import mismatch_metrics
 from ..algo.policy_losses import Denominators, PolicyLoss, PolicyLossInput, PolicyLossOutput
 from .packing import PackedBatch
@@ -37,8 +37,7 @@ def shard_policy_loss(
         batch: this rank's CP shard of the packed micro-batch (`cp_shard`), or the whole batch.
     """
     behaviour = behaviour_logprobs(batch.old_logp, batch.engine_logp, correct_mismatch)
-    r, finite = token_log_ratio(logp.detach(), behaviour)
-    seq = sequence_stats(r, finite, batch.loss_mask, batch.local_seq_lengths, cp_group)
+    seq, local = sequence_stats(logp, behaviour, batch.loss_mask, batch.local_seq_lengths, cp_group)
     out = policy_loss(
         PolicyLossInput(
             logp=logp,
@@ -47,6 +46,7 @@ def shard_policy_loss(
             seq_index=batch.seq_index,
             advantages=batch.advantages,
             seq=seq,
+            local=local,
             denom=denom,
         ),
         params,

@@ -14,25 +14,27 @@ from typing import Optional
 import torch.distributed as dist
 from torch import Tensor
 
-from ..algo.importance import SequenceStats, local_sequence_sums
+from ..algo.importance import LocalSequenceSums, SequenceStats, local_sequence_sums
 
 
 def sequence_stats(
-    r: Tensor,
-    finite: Tensor,
+    logp: Tensor,
+    behaviour_logp: Tensor,
     mask: Tensor,
     seq_lengths: Tensor,
     cp_group: Optional[dist.ProcessGroup] = None,
-) -> SequenceStats:
-    """Sequence log-weights, lengths and non-finite counts over all CP ranks' tokens.
+) -> tuple[SequenceStats, LocalSequenceSums]:
+    """Sequence log-weights, lengths and non-finite counts over all CP ranks' tokens, and this
+    rank's own per-sequence log pi sums.
 
     Args:
-        r, finite, mask: [T_local] this rank's tokens (see `importance.token_log_ratio`).
+        logp, behaviour_logp, mask: [T_local] this rank's tokens (see
+            `importance.local_sequence_sums`).
         seq_lengths: [S] this rank's positions per sequence; S is the same on every CP rank (every
             rank holds a slice of every sequence).
         cp_group: the context-parallel group, or None when unsharded.
     """
-    sums = local_sequence_sums(r, finite, mask, seq_lengths)
+    sums, local = local_sequence_sums(logp, behaviour_logp, mask, seq_lengths)
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(sums, group=cp_group)
-    return SequenceStats.from_sums(sums)
+    return SequenceStats.from_sums(sums), local
