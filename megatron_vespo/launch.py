@@ -9,7 +9,6 @@ the CPU shim for megatron-core when there is no GPU, and returns every rank's re
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 import traceback
@@ -19,11 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_vespo.ports import free_ports
 
 
 def init_rank(rank: int, world_size: int, init_method: str) -> None:
@@ -88,7 +83,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 3
             _shutdown()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
+        port = free_ports(1)[0]
         procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, out_dir))
                  for r in range(world_size)]
         for p in procs:

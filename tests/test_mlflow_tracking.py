@@ -8,16 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import random
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,86 +22,11 @@ from megatron_vespo.algo.kernel import KernelConstants
 from megatron_vespo.tracking.mlflow_run import (NullTracker, Tracker, TrackingConfig, fit_param_value,
                                                 metric_key, start_tracker, MAX_PARAM_VALUE_CHARS)
 from megatron_vespo.tracking.outbox import Outbox
+# server, shm_dir: pytest fixtures
+from tests.mlflow_server import artifacts, free_port, server, shm_dir  # noqa: F401
 
-MLFLOW_CLI = Path(sys.executable).parent / "mlflow"
-SERVER_START_TIMEOUT_S = 90.0
 # One log call during an outage: a refused connection, no MLflow retries.
 MAX_CALL_S_DURING_OUTAGE = 5.0
-
-
-def _free_port() -> int:
-    ports = list(range(34000, 35000))
-    random.shuffle(ports)
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 34000-34999")
-
-
-class MlflowServer:
-    """An `mlflow server` subprocess whose sqlite store and artifacts outlive restarts."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        cmd = [str(MLFLOW_CLI), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
-               "--workers", "1", "--host", "127.0.0.1", "--port", str(self.port)]
-        log = open(self.root / "server.log", "ab")
-        # Own session: stop() kills the CLI and its uvicorn worker together, and nothing else.
-        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=log,
-                                     start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("mlflow server did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
-        self.proc = None
-
-
-@pytest.fixture(scope="module")
-def server():
-    root = Path(tempfile.mkdtemp(prefix="mlflow_test_", dir="/dev/shm"))
-    srv = MlflowServer(root, _free_port())
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def shm_dir():
-    path = Path(tempfile.mkdtemp(prefix="mvtrack_", dir="/dev/shm"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
 
 def _client(uri: str):
     from mlflow import MlflowClient
@@ -128,13 +44,6 @@ def step_metrics(step: int) -> dict:
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-
-
-def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for entry in client.list_artifacts(run_id, path):
-        found |= _artifacts(client, run_id, entry.path) if entry.is_dir else {entry.path}
-    return found
 
 
 def test_run_records_params_metrics_and_artifacts(server, shm_dir, monkeypatch):
@@ -172,7 +81,7 @@ def test_run_records_params_metrics_and_artifacts(server, shm_dir, monkeypatch):
     assert _history(client, tracker.run_id, "tracking/nonfinite_metrics") == [
         (1, 0.0), (2, 1.0), (3, 0.0), (4, 0.0)]
 
-    assert _artifacts(client, tracker.run_id) == {
+    assert artifacts(client, tracker.run_id) == {
         "config.yaml", "plots/phi_kernel.png", "routing/step_00000004.png",
         "histograms/step_00000004.png"}
     local = client.download_artifacts(tracker.run_id, "config.yaml", str(shm_dir / "download"))
@@ -223,12 +132,12 @@ def test_outage_buffers_then_flushes_every_step_once_in_order(server, shm_dir):
 
     client = _client(server.url)
     assert _history(client, tracker.run_id, "loss") == [(s, 0.5 / s) for s in range(1, 11)]
-    assert "histograms/step_00000006.png" in _artifacts(client, tracker.run_id)
+    assert "histograms/step_00000006.png" in artifacts(client, tracker.run_id)
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     late_run = client.get_run(late.run_id)
     assert late_run.info.status == "FINISHED" and "algorithm.vespo.c2_neg" in late_run.data.params
     assert _history(client, late.run_id, "loss") == [(1, 0.5)]
-    assert _artifacts(client, late.run_id) == {"config.yaml", "plots/phi_kernel.png"}
+    assert artifacts(client, late.run_id) == {"config.yaml", "plots/phi_kernel.png"}
 
 
 def test_resume_continues_the_same_run(server, shm_dir, monkeypatch):
@@ -269,7 +178,7 @@ def test_default_store_is_a_local_sqlite_file(shm_dir):
 
 
 def test_unreachable_store_never_raises_and_keeps_everything_on_disk(shm_dir):
-    cfg = TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}", request_timeout_s=1)
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", request_timeout_s=1)
     tracker = Tracker.start(cfg, shm_dir, Config())
     tracker.log_metrics(1, {"loss": 1.0, "inf": float("inf"), "odd name#": 2.0, "text": "n/a"})
     t0 = time.monotonic()

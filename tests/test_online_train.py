@@ -1,6 +1,7 @@
 """`megatron-vespo train CONFIG` end to end on CPU: a real SGLang server, real megatron-core
-learners, the local MLflow sqlite store. Synchronous N with resume, fully asynchronous with the
-distributed weight path and R3 routing replay, and Ctrl-C leaving a resumable checkpoint."""
+learners, MLflow (a real `mlflow server` for the synchronous run, the local sqlite store otherwise).
+Synchronous N with resume, fully asynchronous with the distributed weight path and R3 routing replay,
+and Ctrl-C leaving a checkpoint that `--resume` continues from."""
 
 import json
 import os
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+# server, shm_dir: pytest fixtures (a real mlflow server with its store on /dev/shm)
+from tests.mlflow_server import artifacts, server, shm_dir  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +48,18 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _mlflow_run(run_dir: Path):
+def _mlflow_run(run_dir: Path, uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(uri or f"sqlite:///{run_dir / 'mlflow.db'}")
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     return client, client.get_run(run_id)
 
 
-def test_sync_training_then_resume(tmp_path):
-    config, run_dir = _config(tmp_path), tmp_path / "run"
+def test_sync_training_then_resume(tmp_path, server):
+    config = _config(tmp_path, train={"heatmap_interval": 2, "histogram_interval": 2},
+                     tracking={"uri": server.url})
+    run_dir = tmp_path / "run"
     _train(config, run_dir)
     rows = _metrics(run_dir)
     steps = [r for r in rows if "loss" in r]
@@ -64,15 +70,24 @@ def test_sync_training_then_resume(tmp_path):
     for r in steps:
         assert 0 <= r["reward/mean"] <= 1 and r["rollout/tokens_per_s"] > 0 and r["phi/mean"] > 0
     assert [r["step"] for r in rows if "eval/reward" in r] == [2, 4]
-    client, run = _mlflow_run(run_dir)
+    # Read back through the tracking server: params, per-step histories, artifacts.
+    client, run = _mlflow_run(run_dir, server.url)
     assert run.info.status == "FINISHED"
     assert run.data.params["rollout.mode"] == "sync" and run.data.params["train.staleness"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.params["algorithm.vespo.c1_pos"] == "2.0"  # the kernel constants actually used
+    for key in ("loss", "phi/mean", "grad_norm", "reward/mean", "moe/drift_topk_mismatch_frac"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2, 3, 4], key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/reward")] == [2, 4]
+    logged = artifacts(client, run.info.run_id)
+    assert {"config.yaml", "plots/phi_kernel.png", "routing/step_00000002.png",
+            "routing/step_00000004.png", "histograms/step_00000002.png",
+            "histograms/step_00000004.png"} <= logged, logged
 
     _train(config, run_dir, "--resume", "train.max_steps=6")
     steps = [r for r in _metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    client, resumed = _mlflow_run(run_dir)
+    client, resumed = _mlflow_run(run_dir, server.url)
     assert resumed.info.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
 
@@ -112,6 +127,12 @@ def test_ctrl_c_stops_with_a_resumable_checkpoint(tmp_path):
     last = max(r["step"] for r in _metrics(run_dir) if "loss" in r)
     assert 2 <= last < 200
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest.endswith(f"{last:08d}") or str(last) in latest
+    assert latest == f"step_{last:08d}", latest
     _, run = _mlflow_run(run_dir)
     assert run.info.status == "KILLED"
+    # The checkpoint is resumable: training continues at the next step in the same run.
+    _train(config, run_dir, "--resume", f"train.max_steps={last + 2}")
+    steps = [r["step"] for r in _metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, last + 3)), steps
+    _, resumed = _mlflow_run(run_dir)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"

@@ -41,7 +41,7 @@ MODELS = {
                      "model.moe_intermediate_size=64", "parallel.ep=2"],
 }
 SERVERS = {"dense": 2, "moe": 1}  # the dense fleet has two servers: every sync must reach both
-# sglang sizes the KV cache to ~70% of free memory on CPU; three servers at once would not fit.
+# All three servers run at once: each caps its KV cache (sglang would size it to ~70% of free memory).
 PROMPTS = [[5, 17, 33, 2, 101, 7], [250, 3, 3, 9], [64, 128, 1, 200, 45, 6, 77, 12], [8, 8, 90]]
 RESPONSE_TOKENS = 6
 LOGPROB_TOL = 1e-4

@@ -96,3 +96,58 @@ def test_misuse_is_an_error():
         buf.accept([], 0)
     with pytest.raises(ValueError, match="max_staleness"):
         StalenessBuffer(1, -1)
+
+
+# -- partial rollouts (a group whose tokens span a weight update) ------------------------------------
+
+class _SpanningClient:
+    """Stands in for RolloutClient.generate_group: the first answer for each prompt spans weight
+    versions 0 -> 1 (an update landed mid-generation), a re-sent prompt is sampled by version 1."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def generate_group(self, session, prompt):
+        from megatron_vespo.rollout.client import Generation, WeightSpan
+
+        self.calls.append(prompt.group_id)
+        spans = [WeightSpan(0, 0, 2), WeightSpan(1, 2, 4)] if self.calls.count(prompt.group_id) == 1 \
+            else [WeightSpan(1, 0, 4)]
+        return [Generation(prompt.group_id, i, list(prompt.prompt_ids), [3, 4, 5, 6], [-1.0] * 4, None,
+                           spans[0].version, spans, "length", 0.1, {}) for i in range(2)]
+
+
+@pytest.mark.parametrize("mode", ["finish", "drop"])
+def test_partial_rollout_is_kept_or_generated_again(mode):
+    import asyncio
+
+    from megatron_vespo.rollout.client import PromptRequest
+    from megatron_vespo.rollout.source import RolloutConfig, RolloutSource
+
+    client = _SpanningClient()
+    src = RolloutSource(RolloutConfig(mode="async", partial_rollout=mode, max_staleness=1), client,
+                        iter(()), lambda meta, response: 1.0, prompts_per_step=1)
+    src.buffer = StalenessBuffer(1, max_staleness=1)
+    prompt = PromptRequest(7, [1, 2])
+
+    def run_one(request):
+        version = src.buffer.try_admit()
+        assert version is not None
+        asyncio.run(src._one(None, request, version))
+
+    run_one(prompt)
+    if mode == "finish":
+        # Kept as generated; the behaviour version is the oldest policy that sampled a token.
+        assert src._dropped_partial == 0 and src.buffer.queue_depth == 1
+        (group,) = src.buffer.take(timeout=1)
+        assert group.version == 0 and [s.sample_id for s in group.samples] == ["7-0", "7-1"]
+        assert group.samples[0].metadata["weight_versions"] == [[0, 0, 2], [1, 2, 4]]
+        return
+    # Dropped, counted, its slot freed, and the prompt is served again before any new one.
+    assert src._dropped_partial == 1 and src.buffer.queue_depth == 0 and src.buffer.running == 0
+    again = src._next_prompt()
+    assert again is prompt
+    run_one(again)
+    (group,) = src.buffer.take(timeout=1)
+    assert group.version == 0 and client.calls == [7, 7]
+    assert all(s.metadata["weight_versions"] == [[1, 0, 4]] for s in group.samples)

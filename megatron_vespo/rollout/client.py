@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import aiohttp
@@ -128,10 +128,6 @@ class RolloutStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_generated / self.wall_time_s if self.wall_time_s > 0 else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        """Flat numbers for a metrics logger."""
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
 
 
 def parse_weight_version(version: Any) -> int:

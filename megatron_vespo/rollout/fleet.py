@@ -10,17 +10,15 @@ server stops receiving work and the client's retries land on the survivors.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import requests
-
+from megatron_vespo.ports import free_ports
 from megatron_vespo.rollout.router import RouterClient, RouterError, RouterProcess
-from megatron_vespo.rollout.server import ServerOptions, SGLangServer
+from megatron_vespo.rollout.server import ServerOptions, SGLangServer, is_healthy
 
 logger = logging.getLogger(__name__)
 
@@ -80,25 +78,6 @@ class FleetConfig:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.health_timeout_s <= 0:
             raise ValueError(f"health_timeout_s must be > 0, got {self.health_timeout_s}")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports the OS reports free now (held open together so they differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _answers_health(url: str, timeout_s: float) -> bool:
-    try:
-        return requests.get(url + "/health", timeout=timeout_s).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 class Fleet:
@@ -179,7 +158,7 @@ class Fleet:
         server = next((s for s in self.servers if s.url == url), None)
         if server is not None and not server.alive:
             return True
-        return not _answers_health(url, self.cfg.health_timeout_s)
+        return not is_healthy(url, self.cfg.health_timeout_s)
 
     def check_health(self) -> list[str]:
         """Probe every member's /health; remove the dead ones from the router and the member list.

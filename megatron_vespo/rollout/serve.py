@@ -20,7 +20,7 @@ import torch
 
 from ..learner.hf_convert import hf_tensor_shapes, save_hf_checkpoint
 from ..learner.model import ModelConfig
-from .fleet import free_ports
+from ..ports import free_ports
 from .router import RouterProcess
 from .server import SGLangServer, ServerOptions
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from ..learner.hf_convert import export_model_to_hf, gather_full_state, megatron_to_hf
 from ..learner.model import ModelConfig
 from ..parallel.layout import ParallelLayout
+from ..ports import free_ports
 from .server import ServerError, get_json, post_json, weight_version
 
 GROUP_NAME = "megatron_vespo_weight_update"
@@ -166,12 +167,6 @@ def flatten_bucket(bucket: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[torch.Te
     return flat, meta
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _server_tp(url: str) -> int:
     """Ranks a server brings to the update group: one per tensor-parallel GPU."""
     return int(get_json(url, "/server_info")["tp_size"])
@@ -231,7 +226,7 @@ class DistributedWeightSync:
         sizes = _each(urls, _server_tp)
         offsets = [1 + sum(sizes[:i]) for i in range(len(urls))]
         world = 1 + sum(sizes)
-        port = _free_port(self.master_address)
+        port = free_ports(1, self.master_address)[0]
         timeout = datetime.timedelta(seconds=self.timeout_s)
         with ThreadPoolExecutor(max_workers=len(urls)) as pool:
             joins = [pool.submit(post_json, url, "/init_weights_update_group", {
