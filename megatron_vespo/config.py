@@ -21,7 +21,8 @@ from .algo.kernel import KernelConstants
 from .algo.kernel_control import KernelControlConfig
 from .algo.policy_losses import (POLICY_LOSSES, CispoParams, ClipParams, GspoParams, SapoParams,
                                  SeqIsParams)
-from .learner.learner import LossSettings, OptimConfig, check_learner_settings
+from .learner.learner import (LossSettings, OptimConfig, check_interleaved_microbatches,
+                              check_learner_settings)
 from .learner.model import ModelConfig, check_moe_layout
 from .learner.train_config import TrainConfig
 from .moe.replay import check_replay_mode
@@ -105,6 +106,12 @@ class Config:
         check_moe_layout(self.model, self.parallel)
         check_learner_settings(self.model, self.parallel,
                                self.algorithm.loss_settings(self.train.logprob_chunk_tokens))
+        if self.parallel.vpp:
+            # DP ranks get mini-batch shares differing by at most one sample
+            # (`batching.rank_micro_batches`), hence up to two micro-batch counts.
+            for share in {self.train.mini_batch_size // dp, -(-self.train.mini_batch_size // dp)}:
+                check_interleaved_microbatches(-(-share // self.train.micro_batch_size),
+                                               self.parallel.pp, self.parallel.pp)
         if self.train.heatmap_interval and not self.algorithm.routing_metrics:
             raise ValueError("train.heatmap_interval needs algorithm.routing_metrics=true")
         n = self.rollout.n_samples_per_prompt

@@ -21,7 +21,7 @@ from tests.distributed import run_ranks
 
 MODELS = {
     "dense": ModelConfig(family="qwen3", spec="local"),
-    "dense4": ModelConfig(family="qwen3", spec="local", num_hidden_layers=4),  # PP2
+    "dense4": ModelConfig(family="qwen3", spec="local", num_hidden_layers=4),  # PP2 (x VPP2)
     "moe": ModelConfig(family="qwen3_moe", num_experts=4, num_experts_per_tok=2, spec="local"),
 }
 EXTRA = {"cursor": 16, "epoch": 1, "order": [3, 1, 2], "source": "prompts.jsonl"}
@@ -32,12 +32,15 @@ RESUME_CASES = {
     "dense_tp2": ("dense", {"tp": 2, "sequence_parallel": True}, None, False, None),
     "moe_ep2": ("moe", {"ep": 2}, None, False, None),
     "dense_pp2": ("dense4", {"pp": 2}, None, False, None),
+    "dense_pp2_vpp2": ("dense4", {"pp": 2, "vpp": 2}, None, False, None),
     "dense_dp2_distopt": ("dense", {}, None, True, None),
     # Resharding: other TP split; MoE experts from one optimizer into a dense + expert chain;
     # distributed optimizer state from EP2 into DP2.
     "dense_dp2_to_tp2": ("dense", {}, {"tp": 2}, False, None),
     "moe_dp2_to_ep2": ("moe", {}, {"ep": 2}, False, None),
     "moe_ep2_to_dp2_distopt": ("moe", {"ep": 2}, {}, True, None),
+    # Two model chunks per rank (layers 0 and 2 on rank 0) back into one full model per rank.
+    "dense_pp2_vpp2_to_dp2": ("dense4", {"pp": 2, "vpp": 2}, {}, False, None),
 }
 
 

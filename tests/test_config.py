@@ -49,6 +49,19 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_vpp_needs_layers_and_micro_batches_the_interleaved_schedule_can_split():
+    vpp = ["parallel.pp=2", "parallel.vpp=2", "train.world_size=2", "model.num_hidden_layers=4"]
+    assert load_config(None, vpp + ["train.micro_batch_size=8"]).parallel.vpp == 2
+    with pytest.raises(ConfigError, match=r"parallel\.vpp: a micro-batch count per rank and step "
+                                          r"of 1 .*set train\.micro_batch_size"):
+        load_config(None, vpp + ["train.micro_batch_size=16"])
+    with pytest.raises(ConfigError, match=r"per rank and step of 1 "):  # DP2: 8 samples per rank
+        load_config(None, vpp + ["train.world_size=4", "train.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match=r"model\.num_hidden_layers \(2\) must be divisible by "
+                                          r"parallel\.pp \* parallel\.vpp \(4\)"):
+        load_config(None, vpp[:-1] + ["train.micro_batch_size=8"])
+
+
 def test_a_file_with_an_unknown_top_level_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("algorithm: {loss: vespo}\nrollouts: {}\n")

@@ -59,6 +59,8 @@ def make_learner(cfg, layout, state, lr=1e-3, distributed_optimizer=False):
 
 
 def micro_batches(learner, samples, per_rank_micro_batches):
+    """This rank's share of `samples` in `per_rank_micro_batches` micro-batches of sizes differing by
+    at most one (16 samples in 6: 3, 3, 3, 3, 2, 2), each padded to its own longest sequence."""
     from megatron_vespo.algo.advantages import AdvantageConfig
     from megatron_vespo.learner.batching import rank_micro_batches, sample_advantages
     from megatron_vespo.parallel.packing import required_pad_multiple
@@ -67,7 +69,7 @@ def micro_batches(learner, samples, per_rank_micro_batches):
     per_rank = len(samples) // groups.dp_size
     return rank_micro_batches(
         samples, sample_advantages(samples, AdvantageConfig()), dp_rank=groups.dp_rank,
-        dp_size=groups.dp_size, micro_batch_size=per_rank // per_rank_micro_batches,
+        dp_size=groups.dp_size, micro_batch_size=-(-per_rank // per_rank_micro_batches),
         pad_multiple=required_pad_multiple(layout.cp, layout.tp, layout.sequence_parallel),
         uniform_length=True)
 
@@ -96,14 +98,19 @@ def train_two_steps(rank, world_size, cases, samples, states):
     return out
 
 
+# Micro-batches of one step differ in length (each is padded to its own longest sequence), and with
+# 6 per rank also in rows, so VPP (one activation shape per step) pads both.
 LAYOUTS = {
     1: [("moe", {}, 1), ("moe", {}, 4), ("dense", {}, 1), ("dense", {}, 4)],
     2: [("moe", {"tp": 2, "sequence_parallel": True}, 1), ("moe", {"ep": 2}, 2), ("moe", {"pp": 2}, 4),
         ("moe", {}, 2), ("moe", {"distributed_optimizer": True}, 1),
         ("dense", {"tp": 2, "sequence_parallel": True}, 2), ("dense", {"pp": 2}, 1),
-        ("dense", {}, 1)],
+        ("dense", {}, 1), ("deep", {"pp": 2, "vpp": 2}, 2), ("deep", {"pp": 2, "vpp": 2}, 4),
+        ("deep", {"pp": 2, "vpp": 2}, 6)],
     4: [("moe", {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, 1), ("dense", {"tp": 2, "pp": 2}, 2),
-        ("deep", {"pp": 2}, 4)],
+        ("deep", {"pp": 2}, 4), ("deep", {"pp": 2, "vpp": 2}, 4),
+        ("deep", {"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True}, 2),
+        ("deep", {"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True}, 6)],
 }
 
 
@@ -128,6 +135,58 @@ def test_train_step_is_invariant_to_the_parallel_layout(world_size, reference):
                         f"rank {rank} {model} {dict(layout)} micro-batches/rank={mb} step {step} "
                         f"{key}: {got[key]} != {want[key]}")
     assert ref["moe"][0]["loss"] != ref["moe"][1]["loss"]  # the first step changed the policy
+
+
+def recomputed_old_logprobs(rank, world_size, layout_kw, per_rank_mb, samples, state):
+    """The old-policy log-probs of the response tokens, in sample order, that
+    `recompute_old_logprobs` gives on the last pipeline stage (None on the others, which get the
+    batches back unchanged)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vespo.parallel.layout import ParallelLayout
+
+    learner = make_learner(DEEP, ParallelLayout(**layout_kw), state)
+    fresh = learner.recompute_old_logprobs(micro_batches(learner, samples, per_rank_mb))
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat([b.old_logp[b.loss_mask] for b in fresh])
+
+
+@pytest.mark.slow
+def test_old_logprob_recompute_under_vpp_matches_one_rank():
+    samples, state = make_samples(), full_state(DEEP)
+    want = run_ranks(recomputed_old_logprobs, 1, {}, 1, samples, state)[0]
+    got = [g for g in run_ranks(recomputed_old_logprobs, 2, {"pp": 2, "vpp": 2}, 6, samples, state)
+           if g is not None]
+    assert len(got) == 1 and got[0].shape == want.shape == (104,) and bool((want < 0).all())
+    torch.testing.assert_close(got[0], want, rtol=2e-5, atol=1e-6)
+
+
+def test_vpp_refuses_micro_batch_counts_the_interleaved_schedule_cannot_run():
+    from megatron_vespo.learner.learner import check_interleaved_microbatches
+
+    for ok in (2, 4, 6):
+        check_interleaved_microbatches(ok, pp=2, group=2)
+    check_interleaved_microbatches(5, pp=2, group=3)  # groups of 3, 2: the last one still >= pp
+    for bad, group in ((1, 2), (3, 2), (4, 3), (5, 4)):
+        message = (rf"parallel\.vpp: a micro-batch count per rank and step of {bad} "
+                   rf".*microbatch_group_size_per_vp_stage={group} .*train\.micro_batch_size")
+        with pytest.raises(ValueError, match=message):
+            check_interleaved_microbatches(bad, pp=2, group=group)
+
+
+def test_vpp_settings_the_learner_refuses():
+    from megatron_vespo.learner.learner import LossSettings, check_learner_settings
+    from megatron_vespo.parallel.layout import ParallelLayout
+
+    vpp = ParallelLayout(pp=2, vpp=2)
+    check_learner_settings(DEEP, vpp, LossSettings())
+    with pytest.raises(ValueError, match=r"model\.num_hidden_layers \(2\) must be divisible by "
+                                         r"parallel\.pp \* parallel\.vpp \(4\)"):
+        check_learner_settings(DENSE, vpp, LossSettings())
+    moe = ModelConfig(family="qwen3_moe", num_experts=4, num_hidden_layers=4, spec="local")
+    with pytest.raises(ValueError, match=r"routing_replay='R2' is not supported with parallel\.vpp"):
+        check_learner_settings(moe, vpp, LossSettings(routing_replay="R2"))
 
 
 def likelihood_shift(rank, world_size, samples, state, steps):

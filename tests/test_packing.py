@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_vespo.parallel.packing import (cp_shard, cp_unshard, pack_sequences,
-                                             required_pad_multiple, split_evenly, zigzag_index)
+from megatron_vespo.parallel.packing import (cp_shard, cp_unshard, pack_sequences, pad_rows,
+                                             pad_tail, required_pad_multiple, split_evenly,
+                                             zigzag_index)
 
 
 def _pack(lengths, prompts, pad):
@@ -67,6 +68,82 @@ def test_bad_packing_inputs_name_the_problem():
     _, b = _pack([5], [1], 1)
     with pytest.raises(ValueError, match="divisible by 2\\*cp"):
         zigzag_index(b.cu_seqlens_padded, 2, 0)
+
+
+def _engine_pack(lengths, prompts, pad):
+    """`_pack` with engine log-probs (the mismatch metrics read them) and mixed-sign advantages."""
+    tokens = [torch.arange(100 * i, 100 * i + n) for i, n in enumerate(lengths)]
+    old = [-torch.arange(1, n - p + 1).float() / 4 for n, p in zip(lengths, prompts)]
+    engine = [o - 0.1 for o in old]
+    adv = torch.tensor([(-1.0) ** i for i in range(len(lengths))])
+    return pack_sequences(tokens, prompts, adv, old, engine, pad_multiple=pad)
+
+
+def _loss_and_metrics(batch, logp):
+    from megatron_vespo.algo.policy_losses import Denominators, get_policy_loss
+    from megatron_vespo.parallel.policy_objective import shard_policy_loss
+
+    out = shard_policy_loss(logp, batch, Denominators(tokens=7.0, sequences=2.0),
+                            get_policy_loss("vespo"))
+    return out.loss, out.metrics.finalize(), out.seq_coef
+
+
+def test_row_padding_changes_no_loss_metric_or_position():
+    b = _engine_pack([5, 7], [2, 3], 8)  # BSHD: two rows of 8
+    padded, kept = pad_rows(b, rows=3, length=10)
+    assert padded.num_positions == 30 and padded.num_seqs == 3
+    assert padded.cu_seqlens_padded.tolist() == [0, 10, 20, 30]
+    assert padded.cu_seqlens.tolist() == [0, 5, 12, 12]
+    assert padded.response_lengths.tolist() == [3, 4, 0] and padded.advantages[2] == 0
+    assert padded.position_ids.tolist() == list(range(10)) * 3
+    assert padded.seq_index.tolist() == [0] * 10 + [1] * 10 + [2] * 10
+    for name in b.PER_POSITION:
+        assert torch.equal(getattr(padded, name)[kept], getattr(b, name)), name
+    off = torch.ones(30, dtype=torch.bool).index_fill_(0, kept, False)
+    assert not padded.loss_mask[off].any() and not padded.input_ids[off].any()
+
+    logp = (-torch.rand(b.num_positions) - 0.5).requires_grad_()
+    noise = -5 * torch.rand(30)  # whatever the model computes at padding positions
+    logp_padded = noise.index_copy(0, kept, logp.detach()).requires_grad_()
+    want, got = _loss_and_metrics(b, logp), _loss_and_metrics(padded, logp_padded)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    want[0].backward()
+    got[0].backward()
+    assert torch.equal(logp_padded.grad[kept], logp.grad) and not logp_padded.grad[off].any()
+    assert got[1].keys() == want[1].keys()
+    for key, value in want[1].items():
+        assert got[1][key] == value or (value != value and got[1][key] != got[1][key]), key
+    with pytest.raises(ValueError, match="equal-length rows"):
+        pad_rows(_engine_pack([5, 7], [2, 3], 1), rows=2, length=8)
+    with pytest.raises(ValueError, match="cannot pad a 2 x 8 batch to 1 x 8"):
+        pad_rows(b, rows=1, length=8)
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_tail_padding_appends_one_empty_sequence_on_every_cp_rank(cp):
+    b = _engine_pack([5, 7], [2, 3], required_pad_multiple(cp))
+    shards = [cp_shard(b, cp, r) if cp > 1 else b for r in range(cp)]
+    local = b.num_positions // cp
+    pairs = [pad_tail(s, local + 4, r) for r, s in enumerate(shards)]
+    padded = pairs[0][0]
+    extra = 4 * cp
+    grown = b.cu_seqlens_padded.tolist() + [b.num_positions + extra]
+    assert padded.cu_seqlens_padded.tolist() == grown
+    assert padded.cu_seqlens.tolist() == b.cu_seqlens.tolist() + [b.cu_seqlens[-1]]
+    assert padded.response_lengths.tolist() == b.response_lengths.tolist() + [0]
+    for (p, kept), s in zip(pairs, shards):
+        assert torch.equal(kept, torch.arange(local)) and p.num_positions == local + 4
+        for name in b.PER_POSITION:
+            assert torch.equal(getattr(p, name)[kept], getattr(s, name)), name
+    # Reassembled over CP ranks: the original batch, then one sequence of `extra` padding positions.
+    whole = {name: cp_unshard([getattr(p, name) for p, _ in pairs], padded.cu_seqlens_padded)
+             for name in ("position_ids", "seq_index", "loss_mask")}
+    assert whole["position_ids"][b.num_positions:].tolist() == list(range(extra))
+    assert whole["seq_index"][b.num_positions:].tolist() == [2] * extra
+    assert not whole["loss_mask"][b.num_positions:].any()
+    assert pad_tail(shards[0], local)[0] is shards[0]
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_tail(shards[0], local - 1)
 
 
 def test_split_evenly():

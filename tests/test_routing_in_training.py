@@ -156,6 +156,6 @@ def test_routing_metrics_are_refused_for_dense_models_and_pipelines():
     with pytest.raises(ValueError, match="routing_metrics"):
         load_config(CONFIG, ["algorithm.routing_metrics=true", "parallel.pp=2", "train.world_size=2"])
     with pytest.raises(ValueError, match="heatmap_interval"):
-        load_config(CONFIG, ["train.heatmap_interval=1"])
+        load_config(CONFIG, ["algorithm.routing_metrics=false", "train.heatmap_interval=1"])
     assert load_config(CONFIG, ["algorithm.routing_metrics=true",
                                 "train.heatmap_interval=3"]).train.heatmap_interval == 3

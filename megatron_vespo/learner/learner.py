@@ -4,7 +4,8 @@ update through megatron's own forward/backward schedules (pipeline schedules inc
 One optimizer step = one mini-batch: this rank's micro-batches go through `get_forward_backward_func`;
 the last pipeline stage turns logits into per-token log pi (vocab-parallel), the loss registry
 computes the configured policy loss on its local tokens, and `schedule_loss_output` undoes megatron's
-own loss scaling so gradients are those of the globally normalised loss.
+own loss scaling so gradients are those of the globally normalised loss. Under virtual pipeline
+stages (interleaved schedule) the micro-batches of a step run padded to one shape.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..algo.policy_losses import Denominators, get_policy_loss
 from ..parallel.layout import ParallelGroups, ParallelLayout
 from ..parallel.logprobs import vocab_parallel_logprobs
 from ..parallel.megatron_scaling import schedule_loss_output
-from ..parallel.packing import PackedBatch
+from ..parallel.packing import PackedBatch, pad_rows, pad_tail
 from ..parallel.policy_objective import shard_policy_loss
 from ..parallel.step_reduce import all_reduce_over, reduce_step_metrics
 from ..moe.per_batch import PerBatch
@@ -78,14 +79,56 @@ class LossSettings:
     routing_metrics: bool = False
 
 
+def check_interleaved_microbatches(num_microbatches: int, pp: int, group: int) -> None:
+    """Refuse a micro-batch count megatron's interleaved (VPP) schedule cannot run.
+
+    The schedule runs each virtual stage on groups of `group` consecutive micro-batches
+    (`microbatch_group_size_per_vp_stage`, megatron's default: pp); it needs pp <= group <= M and
+    a last group that is either full or at least pp long. With the default: M a multiple of pp.
+    """
+    rest = num_microbatches % group
+    if not pp <= group <= num_microbatches or 0 < rest < pp:
+        raise ValueError(
+            f"parallel.vpp: a micro-batch count per rank and step of {num_microbatches} does not "
+            f"fit the interleaved schedule's groups of microbatch_group_size_per_vp_stage="
+            f"{group} at parallel.pp={pp} (it needs pp <= group <= micro-batches, and micro-batches % group "
+            f"0 or >= pp; with the default group = pp: a multiple of pp); set "
+            f"train.micro_batch_size so that each rank's share of the mini-batch "
+            f"(train.rollout_batch_size / train.staleness over DP) splits into a multiple of pp")
+
+
+def pipeline_p2p_settings(layout: ParallelLayout) -> dict:
+    """megatron `TransformerConfig` fields for the p2p exchange between pipeline stages.
+
+    Without VPP the stages exchange each micro-batch's activation shape first (lengths vary).
+    Under VPP the last stage also sends to the first (the next model chunk), so with pp == 2 a
+    rank's previous and next stage are the same peer. megatron's default batched exchange
+    (`batch_p2p_comm`) then posts, in one call, an activation and a gradient to that peer in an
+    order the peer does not receive them in: the two swap silently when their shapes agree
+    (measured at pp=2, vpp=2 with 4 micro-batches: a wrong loss, grad norm 515 for 0.068), and
+    the shape exchange before them deadlocks when they do not. With `overlap_p2p_comm` every
+    call moves one direction only (Megatron-LM's own VPP default). Micro-batches get one padded
+    shape (`Learner._schedule_batches`) instead of a blocking shape exchange before each call.
+    """
+    if layout.vpp:
+        return dict(variable_seq_lengths=False, overlap_p2p_comm=True, batch_p2p_comm=False)
+    return dict(variable_seq_lengths=layout.pp > 1)
+
+
 def check_learner_settings(model_cfg: ModelConfig, layout: ParallelLayout, loss: LossSettings) -> None:
     """Refuse what the learner cannot run, before any process group or model is built."""
-    if layout.vpp:
-        # The interleaved schedule's training forward disagrees with the non-interleaved
-        # reference (loss and grad norm, tests/test_learner.py); forward-only passes agree.
-        raise ValueError("parallel.vpp is not supported by the learner yet: the interleaved "
-                         "pipeline schedule does not reproduce the reference step; use pp alone")
     get_policy_loss(loss.loss)
+    if layout.vpp:
+        stages = layout.pp * layout.vpp
+        if model_cfg.num_hidden_layers % stages:
+            raise ValueError(f"model.num_hidden_layers ({model_cfg.num_hidden_layers}) must be "
+                             f"divisible by parallel.pp * parallel.vpp ({stages}): one equal share "
+                             f"per model chunk")
+        if loss.routing_replay != "off":
+            # VPP pads every micro-batch to one shape (`Learner._schedule_batches`); the replayed
+            # routes cover the unpadded micro-batches.
+            raise ValueError(f"routing_replay={loss.routing_replay!r} is not supported with "
+                             "parallel.vpp; use pp alone")
     if loss.routing_replay != "off":
         from ..moe.replay import check_replay_mode
 
@@ -120,9 +163,8 @@ class Learner:
         # MoE routing replay (optional): megatron builds its RouterReplay only when it is on.
         if loss.routing_replay != "off":
             config_overrides = {**config_overrides, "moe_enable_routing_replay": True}
-        # Pipeline stages exchange each micro-batch's activation shape (lengths vary).
-        self.config = transformer_config(model_cfg, layout, variable_seq_lengths=layout.pp > 1,
-                                         **config_overrides)
+        self.config = transformer_config(model_cfg, layout,
+                                         **{**pipeline_p2p_settings(layout), **config_overrides})
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=optim.use_distributed_optimizer)
         self.chunks = [DistributedDataParallel(self.config, ddp_config, chunk)
@@ -182,12 +224,36 @@ class Learner:
                                           chunk_tokens=self.loss.logprob_chunk_tokens)
         return logp
 
+    def _schedule_batches(self, batches: Sequence[PackedBatch]) -> tuple[list, list]:
+        """The micro-batches as the schedule runs them, and per micro-batch the positions [T_i]
+        of the scheduled batch that hold the given one's.
+
+        Under VPP every micro-batch of the step is padded to one activation shape: megatron's
+        interleaved schedule then receives every activation into buffers of one [s, b, h] shape
+        (no shape exchange, see `pipeline_p2p_settings`). Padding holds no response token, so the
+        loss, its gradient and every metric are those of the unpadded micro-batches. Otherwise
+        the batches run as they are."""
+        if not self.layout.vpp:
+            return list(batches), [torch.arange(b.num_positions) for b in batches]
+        if self.thd:
+            positions = max(b.num_positions for b in batches)
+            pairs = [pad_tail(b, positions, self.groups.cp_rank) for b in batches]
+        else:
+            rows = max(b.num_seqs for b in batches)
+            length = max(b.num_positions // b.num_seqs for b in batches)
+            pairs = [pad_rows(b, rows, length) for b in batches]
+        return [p for p, _ in pairs], [k for _, k in pairs]
+
     def _run_schedule(self, batches: Sequence[PackedBatch], loss_func, forward_only: bool,
                       around_forward=None) -> list:
-        """`around_forward`: optional (before, after) callbacks called with (chunk index, micro-batch
-        index) around each model-chunk forward (MoE routing replay)."""
+        """`batches`: as `_schedule_batches` returns them. `around_forward`: optional (before,
+        after) callbacks called with (chunk index, micro-batch index) around each model-chunk
+        forward (MoE routing replay)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if self.layout.vpp:
+            check_interleaved_microbatches(len(batches), self.layout.pp,
+                                           self.config.microbatch_group_size_per_vp_stage)
         index = {id(b): i for i, b in reversed(list(enumerate(batches)))}
         device = _device()
 
@@ -205,8 +271,10 @@ class Learner:
             return output, partial(loss_func, batch)
 
         # The activation shape megatron's pipeline schedules allocate first: [s, b] = [L, rows] for
-        # BSHD, [T, 1] for THD, s counted over all CP ranks (p2p then exchanges each micro-batch's).
-        seq_length, rows = max(self._activation_shape(b) for b in batches)
+        # BSHD, [T, 1] for THD, s counted over all CP ranks (p2p then exchanges each micro-batch's;
+        # under VPP every micro-batch has this one shape).
+        shapes = [self._activation_shape(b) for b in batches]
+        seq_length, rows = max(s for s, _ in shapes), max(r for _, r in shapes)
         chunks = len(self.chunks)
         iterator = [iter(batches) for _ in range(chunks)] if chunks > 1 else iter(batches)
         return get_forward_backward_func()(
@@ -339,14 +407,16 @@ class Learner:
         def collect(batch, output):
             return output.new_zeros(()), {"logp": self._logprobs(output, batch).float()}
 
-        outputs = self._run_schedule(batches, collect, forward_only=True,
+        scheduled, kept = self._schedule_batches(batches)
+        outputs = self._run_schedule(scheduled, collect, forward_only=True,
                                      around_forward=around_forward)
         for chunk in self.chunks:
             chunk.train()
         if not outputs:
             return list(batches)
-        return [replace(b, old_logp=torch.where(b.loss_mask, o["logp"].to(b.old_logp.device), 0.0))
-                for b, o in zip(batches, outputs)]
+        return [replace(b, old_logp=torch.where(
+                    b.loss_mask, o["logp"][k.to(o["logp"].device)].to(b.old_logp.device), 0.0))
+                for b, o, k in zip(batches, outputs, kept)]
 
     def train_step(self, batches: Sequence[PackedBatch], denom: Denominators,
                    routes: Optional[Sequence[torch.Tensor]] = None) -> dict[str, float]:
@@ -380,8 +450,9 @@ class Learner:
 
             cap = RouterCapture(self.chunks, full_scores=True).__enter__()  # no backward recompute
         try:
-            self._run_schedule(batches, loss_func, forward_only=False, around_forward=None
-                               if replay is None else replay.phase(batches, routes, old_policy=False))
+            self._run_schedule(self._schedule_batches(batches)[0], loss_func, forward_only=False,
+                               around_forward=None if replay is None
+                               else replay.phase(batches, routes, old_policy=False))
         finally:
             if replay is not None:
                 replay.end()

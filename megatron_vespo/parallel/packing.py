@@ -5,6 +5,8 @@ Position t of a packed sequence feeds token t and predicts token t+1, so per-pos
 Each sequence is padded to a multiple of `pad_multiple` (2*cp for the zigzag split, times tp under
 sequence parallelism) so every CP rank gets two equal chunks of every sequence: chunks r and 2cp-1-r
 of 2cp, which balances causal-attention work (the layout TransformerEngine's THD attention expects).
+`pad_rows` (BSHD) and `pad_tail` (THD) grow a micro-batch to a given activation shape with positions
+that hold no response token (the interleaved pipeline schedule needs one shape per step).
 """
 
 from __future__ import annotations
@@ -200,6 +202,84 @@ def cp_unshard(shards: Sequence[Tensor], cu_seqlens_padded: Tensor) -> Tensor:
     for rank, shard in enumerate(shards):
         out[zigzag_index(cu_seqlens_padded, cp_size, rank)] = shard
     return out
+
+
+def _empty_sequences(batch: PackedBatch, count: int, cu_seqlens_padded: Tensor) -> dict:
+    """Per-sequence fields of `batch` with `count` sequences appended that hold no token (real
+    length 0, no response, advantage 0), laid out by the new `cu_seqlens_padded` [S+count+1].
+    Such sequences are invalid to every loss and metric (`SequenceStats.valid` needs a response
+    token) and count in no denominator (`global_denominators` counts responses)."""
+    return dict(
+        cu_seqlens=torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:].repeat(count)]),
+        cu_seqlens_padded=cu_seqlens_padded.to(batch.cu_seqlens_padded.dtype),
+        response_lengths=torch.cat([batch.response_lengths,
+                                    batch.response_lengths.new_zeros(count)]),
+        advantages=torch.cat([batch.advantages, batch.advantages.new_zeros(count)]),
+    )
+
+
+def pad_rows(batch: PackedBatch, rows: int, length: int) -> tuple[PackedBatch, Tensor]:
+    """A BSHD micro-batch (S sequences, each padded to one length L) as `rows` x `length`: every
+    row right-padded to `length`, then `rows - S` rows holding no sequence appended.
+
+    Padding positions hold token 0, loss_mask False and log-probs 0; under a causal mask no real
+    token attends to them (right padding), so the real positions' outputs are unchanged.
+
+    Returns:
+        (padded, kept): `padded` has rows * length positions; kept [S * L] int64 indexes the
+        positions of `padded` that hold `batch`'s, in `batch`'s order.
+    """
+    seqs = batch.num_seqs
+    if batch.cp_size != 1 or bool((torch.diff(batch.cu_seqlens_padded) * seqs
+                                   != batch.num_positions).any()):
+        raise ValueError("pad_rows needs an unsharded batch of equal-length rows "
+                         "(pack with uniform_length)")
+    old = batch.num_positions // seqs
+    if rows < seqs or length < old:
+        raise ValueError(f"cannot pad a {seqs} x {old} batch to {rows} x {length}")
+    kept = (torch.arange(seqs)[:, None] * length + torch.arange(old)).reshape(-1)
+
+    def spread(values: Tensor) -> Tensor:
+        return values.new_zeros(rows * length).index_copy_(0, kept, values)
+
+    padded = batch.map_positions(spread)
+    return replace(
+        padded,
+        position_ids=torch.arange(length).repeat(rows),
+        seq_index=torch.arange(rows).repeat_interleave(length),
+        **_empty_sequences(batch, rows - seqs, torch.arange(rows + 1) * length),
+    ), kept
+
+
+def pad_tail(batch: PackedBatch, positions: int, cp_rank: int = 0) -> tuple[PackedBatch, Tensor]:
+    """A THD micro-batch (this CP rank's shard, or the whole batch) grown to `positions` local
+    positions by one appended sequence that holds no token, so its own attention segment keeps
+    the padding away from every real token.
+
+    Every CP rank must pad the same micro-batch to the same `positions`: the appended sequence
+    has (positions - T) * cp positions over all CP ranks, of which this rank holds the zigzag
+    chunks `cp_rank` and 2cp-1-cp_rank (so each local T must be a multiple of 2 under CP, which
+    `required_pad_multiple` packing guarantees).
+
+    Returns:
+        (padded, kept): kept [T] int64 = arange(T), the positions holding `batch`'s.
+    """
+    extra = positions - batch.num_positions
+    if extra < 0:
+        raise ValueError(f"cannot pad {batch.num_positions} positions to {positions}")
+    kept = torch.arange(batch.num_positions)
+    if extra == 0:
+        return batch, kept
+    total = extra * batch.cp_size
+    padded = batch.map_positions(lambda t: torch.cat([t, t.new_zeros(extra)]))
+    return replace(
+        padded,
+        position_ids=torch.cat([batch.position_ids, zigzag_index(
+            torch.tensor([0, total]), batch.cp_size, cp_rank).to(batch.position_ids.dtype)]),
+        seq_index=torch.cat([batch.seq_index, batch.seq_index.new_full((extra,), batch.num_seqs)]),
+        **_empty_sequences(batch, 1, torch.cat([batch.cu_seqlens_padded,
+                                                batch.cu_seqlens_padded[-1:] + total])),
+    ), kept
 
 
 def split_evenly(num_items: int, parts: int) -> list[range]:
