@@ -7,10 +7,13 @@ sums is one write (`expand`). Everything after that works on [S] tensors.
 
 Two implementations of the same contract:
 - CPU: numba loops over sequences (positions of a sequence are contiguous, so each sequence is one
-  independent range and the parallel loop needs no atomics). One pass instead of the ~10 elementwise
-  and segment passes eager PyTorch would make, so the loss path runs at memory bandwidth. Compiled
-  on first use and cached next to this file (or in numba's user cache); the sums accumulate in
-  float64.
+  independent range and no two threads write the same output). One pass instead of the ~10
+  elementwise and segment passes eager PyTorch would make, so the loss path runs at memory
+  bandwidth. The sequences are split into `torch.get_num_threads()` ranges of about equal token
+  counts; the calling thread runs one and pool threads the others (the compiled loops release the
+  GIL). Plain waiting threads, unlike numba's own parallel pool or OpenMP, do not spin after the
+  loop and so leave the cores to the PyTorch ops that follow. Compiled on first use and cached next
+  to this file (or in numba's user cache); the sums accumulate in float64.
 - Other devices: eager PyTorch (one segment reduction of stacked columns), the reference the CPU
   kernel is tested against.
 """
@@ -18,6 +21,9 @@ Two implementations of the same contract:
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import torch
 from torch import Tensor
@@ -74,22 +80,24 @@ def _cpu_forward(logp, behaviour_logp, mask, seq_lengths):
     num_seqs = offsets.shape[0] - 1
     ratio_sums = torch.empty(num_seqs, 3, dtype=torch.float64)
     logp_sums = torch.empty(num_seqs, dtype=torch.float32)
-    _threads()
-    _forward_loop(_f32(logp), _f32(behaviour_logp), mask.bool().contiguous().numpy(),
-                  offsets.numpy(), LOG_RATIO_CLAMP, ratio_sums.numpy(), logp_sums.numpy())
+    _split_over_threads(_forward_loop, offsets, _f32(logp), _f32(behaviour_logp), _bool(mask),
+                        offsets.numpy(), LOG_RATIO_CLAMP, ratio_sums.numpy(), logp_sums.numpy())
     return ratio_sums, logp_sums
 
 
 def _cpu_expand(grad, mask, seq_lengths):
     offsets = _offsets(seq_lengths, mask.shape[0])
     out = torch.empty(mask.shape[0], dtype=torch.float32)
-    _threads()
-    _expand_loop(_f32(grad), mask.bool().contiguous().numpy(), offsets.numpy(), out.numpy())
+    _split_over_threads(_expand_loop, offsets, _f32(grad), _bool(mask), offsets.numpy(), out.numpy())
     return out
 
 
 def _f32(x: Tensor):
     return x.detach().float().contiguous().numpy()
+
+
+def _bool(x: Tensor):
+    return x.bool().contiguous().numpy()
 
 
 def _offsets(seq_lengths: Tensor, total: int) -> Tensor:
@@ -101,17 +109,33 @@ def _offsets(seq_lengths: Tensor, total: int) -> Tensor:
     return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
 
 
-def _threads() -> None:
-    """numba's pool follows torch's thread count (one-thread ranks keep one thread)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _split_over_threads(loop, offsets: Tensor, *args) -> None:
+    """Run `loop(*args, first_seq, end_seq)` over sequence ranges of about equal token counts, one
+    per torch thread: the caller runs the last range, pool threads the others."""
+    num_seqs, total = offsets.shape[0] - 1, int(offsets[-1])
+    parts = max(1, min(torch.get_num_threads(), num_seqs))
+    cuts = torch.searchsorted(offsets, torch.linspace(0, total, parts + 1)[1:-1].to(torch.int64))
+    bounds = [0, *cuts.tolist(), num_seqs]
+    # One pool per process (a forked child must not reuse its parent's threads) and size.
+    pool = _pools.get((os.getpid(), parts)) if parts > 1 else None
+    if pool is None and parts > 1:
+        pool = _pools[(os.getpid(), parts)] = ThreadPoolExecutor(parts - 1, "segment_kernels")
+    futures = [pool.submit(loop, *args, a, b) for a, b in zip(bounds[:-2], bounds[1:-1])] \
+        if pool is not None else []
+    loop(*args, bounds[-2], bounds[-1])
+    for f in futures:
+        f.result()
 
 
 # Inner loops index per-sequence slices from 0, so numba emits no negative-index wraparound and
 # LLVM vectorises them; 'reassoc' frees the order of the sums (NaN/inf semantics stay IEEE), and
 # the branch-free selects keep the loop body straight-line.
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
-def _forward_loop(logp, behaviour, mask, offsets, clamp, ratio_sums, logp_sums):
-    for s in numba.prange(offsets.shape[0] - 1):
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _forward_loop(logp, behaviour, mask, offsets, clamp, ratio_sums, logp_sums, first, end):
+    for s in range(first, end):
         a, b = offsets[s], offsets[s + 1]
         lp, mu, m = logp[a:b], behaviour[a:b], mask[a:b]
         r_sum, n_tok, n_bad, lp_sum = 0.0, 0.0, 0.0, 0.0
@@ -128,9 +152,9 @@ def _forward_loop(logp, behaviour, mask, offsets, clamp, ratio_sums, logp_sums):
         logp_sums[s] = lp_sum
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _expand_loop(grad, mask, offsets, out):
-    for s in numba.prange(offsets.shape[0] - 1):
+@numba.njit(cache=True, nogil=True)
+def _expand_loop(grad, mask, offsets, out, first, end):
+    for s in range(first, end):
         g, a, b = grad[s], offsets[s], offsets[s + 1]
         m, o = mask[a:b], out[a:b]
         for t in range(m.shape[0]):
