@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def train(args: argparse.Namespace) -> int:
         from .offline import train_offline_rank
 
         # Validate the whole file before any rank starts: one clear error, not N tracebacks.
-        samples = read_samples(args.rollouts, vocab_size=config.model.vocab_size)
+        samples = read_samples(args.rollouts, vocab_size=config.model.vocab_size,
+                               num_experts=config.model.num_experts or None)
         if config.algorithm.routing_replay == "R3":
             missing = [s.sample_id for s in samples if s.routed_experts is None]
             if missing:
@@ -118,9 +120,13 @@ def train(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from .rollout.serve import serve_node
+    from .rollout.server import seeded
 
     config = _load(args)
-    serve_node(config.model, config.train.init_hf_checkpoint, config.rollout.fleet.server,
+    # One serve task per server in a Slurm job: its task id is the server's index in the fleet.
+    server = seeded(config.rollout.fleet.server, config.train.seed,
+                    int(os.environ.get("SLURM_PROCID", "0")))
+    serve_node(config.model, config.train.init_hf_checkpoint, server,
                Path(config.train.output_dir), args.port, args.router_port,
                [u for u in (args.worker_urls or "").split(",") if u])
     return 0

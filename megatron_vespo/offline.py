@@ -38,21 +38,25 @@ def rollout_batches(samples: list[Sample], size: int) -> tuple[list[list[Sample]
 
 
 def build_learner(config: Config) -> Learner:
-    """Process groups, seeded model chunks, optimizer; initial weights from the HF checkpoint if set."""
+    """Process groups, model chunks, optimizer; initial weights from the HF checkpoint if set, else
+    the seeded initial model (`learner.init_weights`: the same for every parallel layout)."""
     from megatron.core import tensor_parallel
 
     layout = config.parallel
     groups = layout.initialize()
     torch.manual_seed(config.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
-    learner = Learner(config.model, layout, groups, config.optim,
-                      config.algorithm.loss_settings(config.train.logprob_chunk_tokens))
+    learner = Learner(config.model, layout, groups, config.optim, config.loss_settings)
+    chunks = [c.module for c in learner.chunks]
     if config.train.init_hf_checkpoint:
         from .learner.hf_convert import load_hf_into_model
 
-        load_hf_into_model(config.train.init_hf_checkpoint, [c.module for c in learner.chunks],
-                           config.model, layout)
-        learner.optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
+        load_hf_into_model(config.train.init_hf_checkpoint, chunks, config.model, layout)
+    else:
+        from .learner.init_weights import init_weights
+
+        init_weights(chunks, config.model, layout, config.train.seed)
+    learner.optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
     return learner
 
 
@@ -71,7 +75,8 @@ def train_offline_rank(rank: int, world_size: int, config: Config, rollouts: str
     if resume:
         cursor = load_checkpoint(learner, ckpt_root) or cursor
         restore_kernel(learner, cursor.get("kernel"))
-    samples = read_samples(rollouts, vocab_size=config.model.vocab_size)
+    samples = read_samples(rollouts, vocab_size=config.model.vocab_size,
+                           num_experts=config.model.num_experts or None)
     batches, leftover = rollout_batches(samples, cfg.rollout_batch_size)
     sink = JsonlMetrics(out_dir / "metrics.jsonl") if rank == 0 else None
     consumed = open(out_dir / "samples_consumed.jsonl", "a") if rank == 0 else None

@@ -115,10 +115,11 @@ class _RankZero:
         if r.fleet.attach_router_url:
             self.fleet = Fleet.attach(r.fleet)
         else:
-            self.fleet = Fleet.launch(model_path, r.fleet, run_dir / "fleet")
+            self.fleet = Fleet.launch(model_path, r.fleet, run_dir / "fleet", seed=cfg.seed)
         client = RolloutClient(self.fleet, r.sampling, n=r.n_samples_per_prompt,
                                return_routed_experts=r.fleet.server.enable_routed_experts,
                                num_moe_layers=config.model.num_hidden_layers if config.model.is_moe else 0,
+                               num_experts=config.model.num_experts or None,
                                max_in_flight=r.max_in_flight, on_invalid=r.on_invalid)
         groups_per_step = cfg.mini_batch_size // r.n_samples_per_prompt
         self.source = RolloutSource(r, client, self.task.train_prompts(), self.task.reward, groups_per_step)
@@ -205,7 +206,8 @@ def train_online_rank(rank: int, world_size: int, config: Config, resume: bool) 
                         if learner.last_seq_coef is not None:
                             values["phi (rank 0 sequences)"] = learner.last_seq_coef
                         top.tracker.log_histograms(version, values)
-                    top.log(version, metrics)
+                    if k + 1 < staleness:  # the batch's last step is logged with its evaluation
+                        top.log(version, metrics)
                 last = metrics
                 since_save += 1
 
@@ -219,8 +221,10 @@ def train_online_rank(rank: int, world_size: int, config: Config, resume: bool) 
                              learner.policy_version)
                 since_sync = 0
             version = learner.policy_version
-            if top and cfg.eval_interval and version // cfg.eval_interval > (version - staleness) // cfg.eval_interval:
-                top.log(version, top.source.evaluate(top.eval_prompts))
+            if top:  # one row per step: the last step's metrics with the evaluation due after it
+                due = cfg.eval_interval and \
+                    version // cfg.eval_interval > (version - staleness) // cfg.eval_interval
+                top.log(version, {**last, **(top.source.evaluate(top.eval_prompts) if due else {})})
             stopping = _any_rank(stop.requested, control)
             if stopping or (cfg.save_interval and since_save >= cfg.save_interval):
                 checkpoint()

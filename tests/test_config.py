@@ -43,6 +43,8 @@ def test_overrides_are_typed_and_reach_the_selected_loss():
     ("train.staleness=3", r"train: rollout_batch_size \(16\) must be divisible by staleness \(3\)"),
     ("model.family=llama", r"model: family='llama' is unknown; allowed: \['qwen2'"),
     ("optim.lr=0", r"optim: lr must be > 0"),
+    ("rollout.sampling.temperature=0", r"rollout\.sampling\.temperature must be > 0: training "
+                                      r"samples drawn greedily"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -67,3 +69,22 @@ def test_a_file_with_an_unknown_top_level_section(tmp_path):
     path.write_text("algorithm: {loss: vespo}\nrollouts: {}\n")
     with pytest.raises(ConfigError, match=r"^rollouts: unknown key; allowed: \['algorithm', 'model', 'optim', 'parallel', 'rollout', 'slurm', 'task', 'tracking', 'train'\]"):
         load_config(path)
+
+
+def test_the_learner_takes_the_sampling_temperature():
+    config = load_config(None, ["rollout.sampling.temperature=0.7"])
+    assert config.loss_settings.temperature == 0.7
+    assert load_config(None, []).loss_settings.temperature == 1.0
+
+
+def test_allgather_under_ep_refuses_route_capture():
+    """The allgather dispatcher under EP pads micro-batches across the EP group; routes are
+    captured and replayed per unpadded micro-batch, so those are refused, naming the fields."""
+    moe = ["model.family=qwen3_moe", "model.num_experts=4", "model.moe_token_dispatcher=allgather",
+           "parallel.ep=2", "train.world_size=2"]
+    load_config(None, moe)
+    for extra in ("algorithm.routing_metrics=true", "algorithm.routing_replay=R2"):
+        with pytest.raises(ConfigError, match=r"routing_replay and algorithm\.routing_metrics are "
+                                              r"not supported with model\.moe_token_dispatcher="
+                                              r"allgather and parallel\.ep > 1"):
+            load_config(None, moe + [extra])

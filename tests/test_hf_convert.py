@@ -391,6 +391,7 @@ def worker(rank, world_size, cases, checkpoints, ids, out_root, error_case=None)
     import torch.distributed as dist
 
     from megatron_vespo.learner import hf_convert as hc
+    from megatron_vespo.learner.init_weights import init_weights, initial_tensor
     from megatron_vespo.parallel.layout import ParallelLayout
 
     results = {}
@@ -401,6 +402,11 @@ def worker(rank, world_size, cases, checkpoints, ids, out_root, error_case=None)
         layout = ParallelLayout(**kw)
         cfg, hf_state = hc.load_hf_checkpoint(directory, spec="local", **model_overrides)
         chunks = _build(cfg, layout)
+        # The seeded initial model, gathered from this layout, is the canonical one.
+        init_weights(chunks, cfg, layout, seed=5)
+        initial = hc.gather_full_state(chunks, cfg, layout)
+        init_exact = None if initial is None else all(
+            torch.equal(t, initial_tensor(n, tuple(t.shape), cfg, seed=5)) for n, t in initial.items())
         hc.load_hf_into_model(directory, chunks, cfg, layout)
         logits = _forward(chunks, cfg, layout, ids)
         diff = None if logits is None else (logits - checkpoints[family + ":logits"]).abs().max().item()
@@ -408,7 +414,7 @@ def worker(rank, world_size, cases, checkpoints, ids, out_root, error_case=None)
         full = hc.gather_full_state(chunks, cfg, layout)
         export = os.path.join(out_root, f"{family}-{name}")
         hc.export_model_to_hf(export, chunks, cfg, layout)
-        result = dict(diff=diff)
+        result = dict(diff=diff, init_exact=init_exact)
         if rank == 0:
             gathered = hc.megatron_to_hf(full, cfg)
             _, exported = hc.load_hf_checkpoint(export)
@@ -494,6 +500,15 @@ def test_megatron_logits_and_round_trip(family, layout, two_rank_results, checkp
 @pytest.mark.parametrize("family,layout", [(f, n) for f, n, _ in CASES_4])
 def test_megatron_combined_layouts(family, layout, four_rank_results, checkpoints):
     _check_case(four_rank_results, family, layout, checkpoints)
+
+
+@pytest.mark.slow
+def test_seeded_initial_model_does_not_depend_on_the_layout(two_rank_results, four_rank_results):
+    """One seed, one model: each layout's shards of `init_weights` gather to the canonical tensors
+    drawn per name (TP, SP, EP, ETP, PP, VPP and their combinations)."""
+    for results, cases in ((two_rank_results, CASES), (four_rank_results, CASES_4)):
+        for family, layout, _ in cases:
+            assert results[0][(family, layout)]["init_exact"], (family, layout)
 
 
 @pytest.mark.slow

@@ -69,6 +69,27 @@ def test_unsharded_values_and_grads_fp32(chunk, grads):
     torch.testing.assert_close(grad, ref_grad, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_temperature_gives_the_sampled_distribution(temperature, dtype):
+    """At sampling temperature T the log-probs, entropy and gradient are those of
+    log_softmax(logits / T): what SGLang reports for tokens it sampled at T."""
+    logits, targets, g_logp, g_ent = _data(4, 29, 70)
+    low = logits.to(dtype)
+    logp, entropy, grad = _run(low, targets, g_logp, g_ent, chunk_tokens=6, with_entropy=True,
+                               temperature=temperature)
+    z = low.float().detach().requires_grad_()
+    ref_logp, ref_ent, ref_grad_z = _reference(z / temperature, targets, g_logp, g_ent)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, ref_ent, atol=1e-5, rtol=0)
+    # d/d logits = (1 / T) d/dz at z = logits / T
+    tol = dict(atol=ATOL, rtol=0) if dtype == torch.float32 else dict(atol=1e-3, rtol=1.6e-2)
+    torch.testing.assert_close(grad.float(), ref_grad_z / temperature, **tol)
+    # ...and not those of T = 1 (the bias the engine comparison would show otherwise)
+    plain, _, _ = _run(low, targets, g_logp)
+    assert (plain - logp).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 1024])
 def test_unsharded_logp_only(chunk):
     logits, targets, g_logp, _ = _data(1, 23, 50)
@@ -155,6 +176,9 @@ def test_non_contiguous_logits():
     (torch.zeros(3, 5), torch.tensor([0, -1, 1]), {}, r"\[0, 5\)"),
     (torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), {"chunk_tokens": 0}, "chunk_tokens"),
     (torch.zeros(3, 0), torch.zeros(3, dtype=torch.long), {}, "empty vocab"),
+    (torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), {"temperature": 0.0}, "temperature"),
+    (torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), {"temperature": float("nan")},
+     "temperature"),
 ])
 def test_bad_inputs(logits, targets, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -164,6 +188,7 @@ def test_bad_inputs(logits, targets, kwargs, match):
 # --------------------------------------------------------------------------- tensor parallel
 
 TP_TOKENS, TP_V_LOCAL, TP_CHUNK = 11, 6, 3  # uneven last chunk
+TP_TEMPERATURE = 0.7
 
 
 def _tp_seed(tp: int, group_index: int) -> int:
@@ -185,11 +210,12 @@ def _tp_worker(rank, world_size):
         assert dist.get_world_size(group) == tp and dist.get_rank(group) == tp_rank
         logits, targets, g_logp, g_ent = _data(_tp_seed(tp, index), TP_TOKENS, TP_V_LOCAL * tp)
         shard = logits[:, tp_rank * TP_V_LOCAL:(tp_rank + 1) * TP_V_LOCAL]
-        for mode in ("logp", "entropy", "both"):
-            gl = g_logp if mode in ("logp", "both") else None
-            ge = g_ent if mode in ("entropy", "both") else None
+        for mode in ("logp", "entropy", "both", "temp"):
+            gl = g_logp if mode in ("logp", "both", "temp") else None
+            ge = g_ent if mode in ("entropy", "both", "temp") else None
             logp, entropy, grad = _run(shard, targets, gl, ge, tp_group=group,
-                                       chunk_tokens=TP_CHUNK, with_entropy=mode != "logp")
+                                       chunk_tokens=TP_CHUNK, with_entropy=mode != "logp",
+                                       temperature=TP_TEMPERATURE if mode == "temp" else 1.0)
             out[(tp, mode)] = (logp, entropy, grad)
         bf16 = _run(shard.bfloat16(), targets, g_logp, g_ent, tp_group=group,
                     chunk_tokens=TP_CHUNK, with_entropy=True)
@@ -214,10 +240,14 @@ def test_tensor_parallel_matches_single_process():
             members = range(index * tp, (index + 1) * tp)
             logits, targets, g_logp, g_ent = _data(_tp_seed(tp, index), TP_TOKENS,
                                                    TP_V_LOCAL * tp)
-            for mode in ("logp", "entropy", "both"):
-                gl = g_logp if mode in ("logp", "both") else None
-                ge = g_ent if mode in ("entropy", "both") else None
-                ref_logp, ref_ent, ref_grad = _reference(logits, targets, gl, ge)
+            for mode in ("logp", "entropy", "both", "temp"):
+                gl = g_logp if mode in ("logp", "both", "temp") else None
+                ge = g_ent if mode in ("entropy", "both", "temp") else None
+                if mode == "temp":  # the gradient w.r.t. the logits is 1/T that w.r.t. logits/T
+                    ref_logp, ref_ent, ref_grad = _reference(logits / TP_TEMPERATURE, targets, gl, ge)
+                    ref_grad = ref_grad / TP_TEMPERATURE
+                else:
+                    ref_logp, ref_ent, ref_grad = _reference(logits, targets, gl, ge)
                 outs = [results[r][(tp, mode)] for r in members]
                 for logp, entropy, _ in outs:
                     # replicated outputs: bitwise identical on every rank of the group

@@ -252,3 +252,12 @@ def test_killing_a_server_mid_batch_loses_and_duplicates_nothing(fleet, caplog):
     assert fleet.worker_urls == [survivor.url]
     assert [w.url for w in fleet.router.workers()] == [survivor.url]
     assert any(victim.url in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_servers_sample_with_seeds_from_the_run():
+    from megatron_vespo.rollout.server import ServerOptions, seeded, server_argv
+
+    argv = server_argv("/m", 30000, seeded(ServerOptions(), seed=1234, index=2), cpu=True)
+    assert argv[argv.index("--random-seed") + 1] == "1236"
+    assert seeded(ServerOptions(random_seed=7), seed=1234, index=1).random_seed == 8
+    assert "--random-seed" not in server_argv("/m", 30000, ServerOptions(), cpu=True)

@@ -46,6 +46,7 @@ PROMPTS = [[5, 17, 33, 2, 101, 7], [250, 3, 3, 9], [64, 128, 1, 200, 45, 6, 77, 
 RESPONSE_TOKENS = 6
 LOGPROB_TOL = 1e-4
 PHASES = ("initial", "disk", "distributed", "distributed-reused")
+HOT = 0.7  # a sampling temperature other than 1
 
 
 def _config(name: str, init_dir=None):
@@ -72,10 +73,10 @@ def export_worker(rank, world_size, jobs):
                            config.parallel)
 
 
-def _generate(url, prompt, routed):
+def _generate(url, prompt, routed, temperature=1.0):
     out = post_json(url, "/generate", {
         "input_ids": prompt, "return_logprob": True, "return_routed_experts": routed,
-        "sampling_params": {"max_new_tokens": RESPONSE_TOKENS, "temperature": 1.0,
+        "sampling_params": {"max_new_tokens": RESPONSE_TOKENS, "temperature": temperature,
                             "ignore_eos": True}})
     meta = out["meta_info"]
     return dict(response=[t for _, t, _ in meta["output_token_logprobs"]],
@@ -120,6 +121,18 @@ def _learner_view(learner, sequences, moe):
     dist.all_gather_object(everyone, local)
     merged = {i: e for part in everyone for i, e in part.items()}
     return [merged[i] for i in range(len(samples))]
+
+
+def _learner_view_at(learner, temperature, sequences, moe):
+    """`_learner_view` with the learner's log-probs taken at a sampling temperature."""
+    import dataclasses
+
+    configured = learner.loss
+    learner.loss = dataclasses.replace(configured, temperature=temperature)
+    try:
+        return _learner_view(learner, sequences, moe)
+    finally:
+        learner.loss = configured
 
 
 def _train_step(learner, sequences):
@@ -172,6 +185,8 @@ def _scenario(rank, name, model_dir, urls, export_dir):
                       "generated": [[_generate(u, p, moe) for p in PROMPTS] for u in urls]}
             fixed = first or [(p, g["response"]) for p, g in zip(PROMPTS, served["generated"][0])]
             served["scored"] = [[_score(u, p, r) for p, r in fixed] for u in urls]
+            if version == 0:
+                served["hot"] = [_generate(urls[0], p, moe, temperature=HOT) for p in PROMPTS]
         box = [served]
         dist.broadcast_object_list(box, src=0)
         served = box[0]
@@ -182,6 +197,9 @@ def _scenario(rank, name, model_dir, urls, export_dir):
                                                                zip(PROMPTS, gens)], moe)
                                        for gens in served["generated"]]
         served["learner_first"] = _learner_view(learner, first, moe)
+        if version == 0:  # samples drawn at a temperature other than 1, through the learner at T
+            hot = [(p, g["response"]) for p, g in zip(PROMPTS, served["hot"])]
+            served["learner_hot"] = {t: _learner_view_at(learner, t, hot, moe) for t in (HOT, 1.0)}
         phases.append(served)
         if version + 1 < len(PHASES):
             _train_step(learner, fresh)
@@ -270,6 +288,21 @@ def test_served_logprobs_match_learner(name, record):
     print(f"{name}: max |served - learner| log-prob at version 0: {diff:.2e}")
     assert diff < LOGPROB_TOL
     assert {g["version"] for gens in phase["generated"] for g in gens} == set(phase["versions"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_learner_logprobs_follow_the_sampling_temperature(name, record):
+    """SGLang reports log-probs of softmax(logits / T) for samples drawn at T; the learner at
+    temperature T computes the same, and at T = 1 it would not."""
+    phase = record[name]["phases"][0]
+    served = [g["logprobs"] for g in phase["hot"]]
+    at_t = max(_max_diff(s, v["logprobs"]) for s, v in zip(served, phase["learner_hot"][HOT]))
+    at_one = max(_max_diff(s, v["logprobs"]) for s, v in zip(served, phase["learner_hot"][1.0]))
+    print(f"{name}: samples at T = {HOT}: max |served - learner| log-prob {at_t:.2e} with the "
+          f"learner at T = {HOT}, {at_one:.2e} at T = 1")
+    assert at_t < LOGPROB_TOL
+    assert at_one > 100 * LOGPROB_TOL
 
 
 @pytest.mark.slow

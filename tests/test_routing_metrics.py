@@ -282,9 +282,14 @@ def test_sharded_reduction_exact(bounds):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_heatmap_png(tmp_path):
+def test_heatmap_png(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    from megatron_vespo.tracking import heatmap
     from megatron_vespo.tracking.heatmap import write_load_heatmap
+
+    figures = []
+    save_png = heatmap.save_png
+    monkeypatch.setattr(heatmap, "save_png", lambda fig, path: figures.append(fig) or save_png(fig, path))
 
     ids = ids_t([[[0, 1], [2, 3]], [[0, 2], [-1, -1]], [[1, 0], [3, 2]]])
     load = load_matrix(expert_load(ids, torch.ones(3, dtype=torch.bool), 4), 2, 4)
@@ -298,6 +303,10 @@ def test_heatmap_png(tmp_path):
 
     img = matplotlib.image.imread(path)
     assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    # layer and expert ticks fall on whole layers and experts (3 layers drew 0.5 steps before)
+    ax = figures[0].axes[0]
+    for ticks in (ax.get_yticks(), ax.get_xticks()):
+        assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks
     # overwriting works (atomic replace)
     write_load_heatmap(load[:2], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

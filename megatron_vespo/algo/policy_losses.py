@@ -36,10 +36,13 @@ class Denominators:
 
     tokens: response tokens (the token-mean normaliser); sequences: sequences with response tokens
     (the sequence-mean normaliser). Sequences later dropped for non-finite log-ratios stay counted.
+    input_tokens: every real token, prompts included (the MoE router load-balancing loss's
+    normaliser; 0 where nobody needs it).
     """
 
     tokens: float
     sequences: float
+    input_tokens: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.tokens > 0 or not self.sequences > 0:

@@ -10,6 +10,7 @@ stages (interleaved schedule) the micro-batches of a step run padded to one shap
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -22,7 +23,7 @@ from ..algo.metrics import MetricSums
 from ..algo.policy_losses import Denominators, get_policy_loss
 from ..parallel.layout import ParallelGroups, ParallelLayout
 from ..parallel.logprobs import vocab_parallel_logprobs
-from ..parallel.megatron_scaling import schedule_loss_output
+from ..parallel.megatron_scaling import loss_scale_factor, schedule_loss_output
 from ..parallel.packing import PackedBatch, pad_rows, pad_tail
 from ..parallel.policy_objective import shard_policy_loss
 from ..parallel.step_reduce import all_reduce_over, reduce_step_metrics
@@ -77,6 +78,13 @@ class LossSettings:
     # MoE routing metrics in every train_step (drift old-policy vs current forward, engine vs
     # old-policy routes when given, expert load): megatron_vespo.algo.routing. pp == 1 only.
     routing_metrics: bool = False
+    # The sampling temperature of the behaviour policy: log pi and the old log-probs are those of
+    # softmax(logits / T), the distribution the engine sampled from and reports log-probs of.
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
 
 
 def check_interleaved_microbatches(num_microbatches: int, pp: int, group: int) -> None:
@@ -115,6 +123,13 @@ def pipeline_p2p_settings(layout: ParallelLayout) -> dict:
     return dict(variable_seq_lengths=layout.pp > 1)
 
 
+def pads_across_ep(model_cfg: ModelConfig, layout: ParallelLayout) -> bool:
+    """Whether micro-batches are padded to a common shape across the expert-parallel group:
+    megatron's allgather token dispatcher all-gathers every rank's tokens over TP x EP, which
+    needs the same token count on each (`Learner._schedule_batches`)."""
+    return model_cfg.is_moe and model_cfg.moe_token_dispatcher == "allgather" and layout.ep > 1
+
+
 def check_learner_settings(model_cfg: ModelConfig, layout: ParallelLayout, loss: LossSettings) -> None:
     """Refuse what the learner cannot run, before any process group or model is built."""
     get_policy_loss(loss.loss)
@@ -129,6 +144,12 @@ def check_learner_settings(model_cfg: ModelConfig, layout: ParallelLayout, loss:
             # routes cover the unpadded micro-batches.
             raise ValueError(f"routing_replay={loss.routing_replay!r} is not supported with "
                              "parallel.vpp; use pp alone")
+    if pads_across_ep(model_cfg, layout) and (loss.routing_replay != "off" or loss.routing_metrics):
+        # Routes are captured and replayed per unpadded micro-batch.
+        raise ValueError("algorithm.routing_replay and algorithm.routing_metrics are not "
+                         "supported with model.moe_token_dispatcher=allgather and parallel.ep > 1 "
+                         "(micro-batches are padded across the EP group); use "
+                         "moe_token_dispatcher=alltoall")
     if loss.routing_replay != "off":
         from ..moe.replay import check_replay_mode
 
@@ -187,6 +208,15 @@ class Learner:
             start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1,
             wd_incr_style="constant")
         self.policy_version = 0
+        self.aux_loss = None  # the routers' load-balancing loss (moe.aux_loss), when its coef > 0
+        if model_cfg.is_moe and model_cfg.router_aux_loss_coef > 0:
+            from ..moe.aux_loss import SequenceAuxLoss
+
+            self.aux_loss = SequenceAuxLoss(
+                self.chunks, coeff=model_cfg.router_aux_loss_coef,
+                num_experts=model_cfg.num_experts, topk=model_cfg.num_experts_per_tok,
+                router_order=self._router_order, count_groups=self._sequence_slice_groups(),
+                device=_device())
         self.routing_replay = None  # MoE routing replay driver (megatron_vespo.moe.replay)
         if loss.routing_replay != "off":
             from ..moe.replay import RoutingReplay
@@ -221,34 +251,62 @@ class Learner:
     def _logprobs(self, output: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         logits = output.reshape(-1, output.shape[-1])  # [b, s, V/tp] -> packed positions
         logp, _ = vocab_parallel_logprobs(logits, batch.target_ids, tp_group=self.groups.tp,
-                                          chunk_tokens=self.loss.logprob_chunk_tokens)
+                                          chunk_tokens=self.loss.logprob_chunk_tokens,
+                                          temperature=self.loss.temperature)
         return logp
 
     def _schedule_batches(self, batches: Sequence[PackedBatch]) -> tuple[list, list]:
         """The micro-batches as the schedule runs them, and per micro-batch the positions [T_i]
         of the scheduled batch that hold the given one's.
 
-        Under VPP every micro-batch of the step is padded to one activation shape: megatron's
-        interleaved schedule then receives every activation into buffers of one [s, b, h] shape
-        (no shape exchange, see `pipeline_p2p_settings`). Padding holds no response token, so the
-        loss, its gradient and every metric are those of the unpadded micro-batches. Otherwise
-        the batches run as they are."""
-        if not self.layout.vpp:
+        Padded to a common activation shape where megatron needs one: under VPP every
+        micro-batch of the step (megatron's interleaved schedule receives every activation into
+        buffers of one [s, b, h] shape, with no shape exchange, see `pipeline_p2p_settings`);
+        with the allgather token dispatcher under EP > 1, micro-batch i on every rank of the EP
+        group (its all-gather over TP x EP needs equal token counts). Padding holds no response
+        token and no real token, so the loss, the router loss, their gradients and every metric
+        are those of the unpadded micro-batches. Otherwise the batches run as they are."""
+        per_step, per_ep = bool(self.layout.vpp), pads_across_ep(self.model_cfg, self.layout)
+        if not (per_step or per_ep):
             return list(batches), [torch.arange(b.num_positions) for b in batches]
         if self.thd:
-            positions = max(b.num_positions for b in batches)
-            pairs = [pad_tail(b, positions, self.groups.cp_rank) for b in batches]
+            shapes = torch.tensor([[b.num_positions] for b in batches])
         else:
-            rows = max(b.num_seqs for b in batches)
-            length = max(b.num_positions // b.num_seqs for b in batches)
-            pairs = [pad_rows(b, rows, length) for b in batches]
+            shapes = torch.tensor([[b.num_seqs, b.num_positions // b.num_seqs] for b in batches])
+        if per_step:
+            shapes = shapes.amax(dim=0, keepdim=True).expand_as(shapes).clone()
+        if per_ep:
+            shapes = self._max_over_ep(shapes)
+        if self.thd:
+            pairs = [pad_tail(b, int(n), self.groups.cp_rank) for b, (n,) in zip(batches, shapes)]
+        else:
+            pairs = [pad_rows(b, int(r), int(n)) for b, (r, n) in zip(batches, shapes)]
         return [p for p, _ in pairs], [k for _, k in pairs]
 
+    def _max_over_ep(self, shapes: torch.Tensor) -> torch.Tensor:
+        """[M, d] micro-batch shapes -> their elementwise maximum over the expert-parallel group;
+        every rank of it must run the same number of micro-batches."""
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_expert_model_parallel_group()
+        counts = torch.tensor([shapes.shape[0], -shapes.shape[0]], device=_device())
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+        if counts[0] != -counts[1]:
+            raise ValueError(
+                f"model.moe_token_dispatcher=allgather with parallel.ep={self.layout.ep}: the "
+                f"ranks of an expert-parallel group run between {-int(counts[1])} and "
+                f"{int(counts[0])} micro-batches in this step; the dispatcher's all-gather needs "
+                f"the same count on every rank (use moe_token_dispatcher=alltoall)")
+        shapes = shapes.to(_device())
+        dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=group)
+        return shapes.cpu()
+
     def _run_schedule(self, batches: Sequence[PackedBatch], loss_func, forward_only: bool,
-                      around_forward=None) -> list:
+                      around_forward=None, before_forward=None) -> list:
         """`batches`: as `_schedule_batches` returns them. `around_forward`: optional (before,
         after) callbacks called with (chunk index, micro-batch index) around each model-chunk
-        forward (MoE routing replay)."""
+        forward (MoE routing replay). `before_forward`: optional callback with the micro-batch
+        as the model runs it (on its device), before each model-chunk forward."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if self.layout.vpp:
@@ -261,6 +319,8 @@ class Learner:
             raw = next(data_iterator)
             batch = raw.to(device)
             inputs = self._model_inputs(batch)
+            if before_forward is not None:
+                before_forward(batch)
             if around_forward is not None:
                 where = (next(k for k, c in enumerate(self.chunks) if c is model), index[id(raw)])
                 around_forward[0](*where)
@@ -377,6 +437,11 @@ class Learner:
             return [self.groups.dp_cp, self.groups.tp]
         return [self.groups.dp_cp]
 
+    def _sequence_slice_groups(self) -> list:
+        """Groups whose ranks route different tokens of the same sequences: CP, and TP under
+        sequence parallelism."""
+        return [self.groups.cp] + ([self.groups.tp] if self.layout.sequence_parallel else [])
+
     def _routing_metrics(self, batches: Sequence[PackedBatch], cap) -> dict[str, float]:
         from ..algo.routing import finalize_routing, load_matrix
 
@@ -443,6 +508,13 @@ class Learner:
                 calculate_per_token_loss=self.config.calculate_per_token_loss, denom=denom,
                 local_tokens=batch.loss_mask.sum())
 
+        before_forward = None
+        if self.aux_loss is not None:
+            factor = loss_scale_factor(num_microbatches=m, dp_size=dp, denom=denom,
+                                       calculate_per_token_loss=self.config.calculate_per_token_loss)
+            before_forward = partial(self.aux_loss.micro_batch, input_tokens=denom.input_tokens,
+                                     grad_factor=factor)
+
         replay = self.routing_replay
         cap = None
         if self.loss.routing_metrics:
@@ -452,8 +524,11 @@ class Learner:
         try:
             self._run_schedule(self._schedule_batches(batches)[0], loss_func, forward_only=False,
                                around_forward=None if replay is None
-                               else replay.phase(batches, routes, old_policy=False))
+                               else replay.phase(batches, routes, old_policy=False),
+                               before_forward=before_forward)
         finally:
+            if self.aux_loss is not None:
+                self.aux_loss.end()
             if replay is not None:
                 replay.end()
             if cap is not None:
@@ -474,7 +549,7 @@ class Learner:
             "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
             "update_skipped": float(not success), "policy_version": float(self.policy_version),
             "perf/step_time_s": elapsed, "perf/tokens_per_s_per_rank": positions / elapsed,
-            **self._moe_aux_metrics(m), **routing,
+            **self._aux_loss_metrics(), **routing,
         })
         return metrics
 
@@ -493,19 +568,11 @@ class Learner:
                                        group=self.groups.pp)
         return dict(payload[0])
 
-    def _moe_aux_metrics(self, num_microbatches: int) -> dict[str, float]:
-        """Router aux losses per step (mean over layers, micro-batches and DP), reduced with SUM so
-        that gloo works (megatron's own tracker reduction uses AVG, which gloo lacks)."""
-        if not self.model_cfg.is_moe:
+    def _aux_loss_metrics(self) -> dict[str, float]:
+        """`moe/load_balancing_loss` of the step: every rank's layers and tokens, once each."""
+        if self.aux_loss is None:
             return {}
-        from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
-                                                             get_moe_layer_wise_logging_tracker)
-
-        out = {}
-        for name, entry in get_moe_layer_wise_logging_tracker().items():
-            values = all_reduce_over([self.groups.pp, self.groups.dp],
-                                     dist.ReduceOp.SUM)(entry["values"].clone())
-            scale = num_microbatches * self.groups.dp_size * self.model_cfg.num_hidden_layers
-            out[f"moe/{name}"] = values.sum().item() / scale
-        clear_aux_losses_tracker()
-        return out
+        groups = [self.groups.dp_cp, self.groups.pp] + (
+            [self.groups.tp] if self.layout.sequence_parallel else [])
+        return {"moe/load_balancing_loss": self.aux_loss.step_value(
+            groups, self.model_cfg.num_hidden_layers)}

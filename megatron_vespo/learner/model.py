@@ -141,8 +141,11 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout, **overrides):
             # Top-k on logits then softmax over the k == softmax, top-k, renormalise (norm_topk_prob);
             # without renormalisation megatron must softmax over all experts first.
             moe_router_pre_softmax=not cfg.norm_topk_prob,
-            moe_router_load_balancing_type="aux_loss" if cfg.router_aux_loss_coef else "none",
-            moe_aux_loss_coeff=cfg.router_aux_loss_coef,
+            # router_aux_loss_coef is the learner's own per-sequence, step-normalised loss
+            # (moe.aux_loss): megatron's per-micro-batch one would make training depend on the
+            # micro-batch split and the padding.
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
             moe_router_dtype="fp32",
             moe_grouped_gemm=te,
             moe_shared_expert_intermediate_size=cfg.shared_expert_intermediate_size or None,

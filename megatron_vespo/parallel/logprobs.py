@@ -1,7 +1,8 @@
 """Per-token log-probabilities and entropy from (vocab-parallel) logits, in token chunks.
 
 `vocab_parallel_logprobs(logits, targets)` returns log softmax(z)[t, targets[t]] and, optionally,
-the entropy of softmax(z)[t], where z is the full-vocabulary logits row. Under tensor parallelism
+the entropy of softmax(z)[t], where z is the full-vocabulary logits row divided by the sampling
+temperature (z = logits / T: the distribution the engine sampled from and reports log-probs of). Under tensor parallelism
 rank r of the group holds vocab columns [r * V_local, (r + 1) * V_local) (megatron's
 `VocabUtility` layout); the full row is never gathered.
 
@@ -23,6 +24,7 @@ forward) and g (replicated). Each rank therefore computes its own columns' exact
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -52,13 +54,15 @@ def _chunk_bounds(num_tokens: int, chunk_tokens: int):
         yield start, min(start + chunk_tokens, num_tokens)
 
 
-def _fp32_copy(chunk: torch.Tensor) -> torch.Tensor:
-    # Always a fresh tensor (even for fp32 input, where .float() would alias the caller's logits),
-    # so every later step can work in place on this one chunk-sized buffer.
-    return chunk.to(_F32, copy=True)
+def _fp32_copy(chunk: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """The chunk's z = logits / T in fp32. Always a fresh tensor (even for fp32 input, where
+    .float() would alias the caller's logits), so every later step can work in place on this one
+    chunk-sized buffer; the temperature is applied there, so it costs no [T, V] copy."""
+    copy = chunk.to(_F32, copy=True)
+    return copy if inv_temp == 1.0 else copy.mul_(inv_temp)
 
 
-def _forward_chunk(chunk, local_targets, row_max, partial) -> None:
+def _forward_chunk(chunk, local_targets, row_max, partial, inv_temp) -> None:
     """Fill `partial` [2 or 3, rows] with this rank's partial sums for one chunk of rows.
 
     partial[0] = sum_j exp(z_j - m); partial[1] = z_target (0 where another rank owns it);
@@ -66,8 +70,8 @@ def _forward_chunk(chunk, local_targets, row_max, partial) -> None:
     """
     owned = local_targets >= 0
     target_logit = chunk.gather(1, local_targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-    partial[1] = torch.where(owned, target_logit.to(_F32), 0.0)
-    shifted = _fp32_copy(chunk).sub_(row_max.unsqueeze(1))
+    partial[1] = torch.where(owned, target_logit.to(_F32) * inv_temp, 0.0)
+    shifted = _fp32_copy(chunk, inv_temp).sub_(row_max.unsqueeze(1))
     if partial.shape[0] == 3:
         exp_shifted = shifted.exp()
         partial[0] = exp_shifted.sum(dim=-1)
@@ -76,14 +80,16 @@ def _forward_chunk(chunk, local_targets, row_max, partial) -> None:
         partial[0] = shifted.exp_().sum(dim=-1)
 
 
-def _backward_chunk(chunk, local_targets, row_max, log_sum_exp, entropy, grad_logp, grad_entropy):
-    """fp32 gradient [rows, V_local] of grad_logp . logp + grad_entropy . H for one chunk.
+def _backward_chunk(chunk, local_targets, row_max, log_sum_exp, entropy, grad_logp, grad_entropy,
+                    inv_temp):
+    """fp32 gradient [rows, V_local] of grad_logp . logp + grad_entropy . H for one chunk, with
+    respect to the logits (the gradient with respect to z = logits / T, times 1 / T).
 
     Either upstream gradient may be None (that output got none). Temporaries die on return.
     """
     # log p = (z - m) - log sum exp(z - m) from the saved global statistics; kept as two
     # subtractions because folding m + log S into one fp32 log Z rounds at |m|'s scale.
-    grad = _fp32_copy(chunk).sub_(row_max.unsqueeze(1)).sub_(log_sum_exp.unsqueeze(1))
+    grad = _fp32_copy(chunk, inv_temp).sub_(row_max.unsqueeze(1)).sub_(log_sum_exp.unsqueeze(1))
     if grad_entropy is None:
         # d logp / dz_j = 1[j == t] - p_j; the one-hot part is added below.
         grad.exp_().mul_(-grad_logp.unsqueeze(1))
@@ -99,14 +105,15 @@ def _backward_chunk(chunk, local_targets, row_max, log_sum_exp, entropy, grad_lo
         owned = local_targets >= 0
         onehot = torch.where(owned, grad_logp.to(_F32), 0.0)
         grad.scatter_add_(1, local_targets.clamp(min=0).unsqueeze(1), onehot.unsqueeze(1))
-    return grad
+    return grad if inv_temp == 1.0 else grad.mul_(inv_temp)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     """Autograd wrapper; see `vocab_parallel_logprobs` for the contract."""
 
     @staticmethod
-    def forward(ctx, logits, targets, tp_group, tp_size, tp_rank, chunk_tokens, with_entropy):
+    def forward(ctx, logits, targets, tp_group, tp_size, tp_rank, chunk_tokens, with_entropy,
+                inv_temp):
         num_tokens, v_local = logits.shape
         device = logits.device
         # Local column of each target; -1 marks rows whose target another rank owns.
@@ -115,8 +122,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         local_targets = torch.where(owned, local_targets, torch.full_like(local_targets, -1))
 
         # Row maxima in the logits' own dtype (max is exact in any dtype, and no fp32 copy of
-        # [T, V_local] is made), then the global maximum over the group, for all chunks at once.
-        row_max = logits.amax(dim=-1).to(_F32) if num_tokens else logits.new_empty(0, dtype=_F32)
+        # [T, V_local] is made), then the global maximum over the group, for all chunks at once;
+        # max(z / T) = max(z) / T for T > 0.
+        row_max = logits.amax(dim=-1).to(_F32).mul_(inv_temp) if num_tokens \
+            else logits.new_empty(0, dtype=_F32)
         if tp_size > 1 and num_tokens:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
 
@@ -126,7 +135,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         partial = torch.zeros(3 if with_entropy else 2, num_tokens, dtype=_F32, device=device)
         for start, end in _chunk_bounds(num_tokens, chunk_tokens):
             _forward_chunk(logits[start:end], local_targets[start:end], row_max[start:end],
-                           partial[:, start:end])
+                           partial[:, start:end], inv_temp)
 
         if tp_size > 1 and num_tokens:
             dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=tp_group)
@@ -142,6 +151,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             ctx.save_for_backward(logits, local_targets, row_max, log_sum_exp)
         ctx.chunk_tokens = chunk_tokens
         ctx.with_entropy = with_entropy
+        ctx.inv_temp = inv_temp
         ctx.set_materialize_grads(False)  # None for an output that got no gradient: skip its term
         return (logp, entropy) if with_entropy else logp
 
@@ -154,7 +164,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             logits, local_targets, row_max, log_sum_exp = ctx.saved_tensors
             entropy = None
         if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
 
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         for start, end in _chunk_bounds(logits.shape[0], ctx.chunk_tokens):
@@ -163,8 +173,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 logits[rows], local_targets[rows], row_max[rows], log_sum_exp[rows],
                 None if entropy is None else entropy[rows],
                 None if grad_logp is None else grad_logp[rows],
-                None if grad_entropy is None else grad_entropy[rows]))
-        return grad_logits, None, None, None, None, None, None
+                None if grad_entropy is None else grad_entropy[rows], ctx.inv_temp))
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -174,6 +184,7 @@ def vocab_parallel_logprobs(
     tp_group=None,
     chunk_tokens: int = 1024,
     with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probability of each target token, and optionally the entropy, from sharded logits.
 
@@ -185,15 +196,18 @@ def vocab_parallel_logprobs(
         chunk_tokens: rows upcast to fp32 at a time; bounds the working memory to about
             chunk_tokens * V_local * 4 bytes (twice that with entropy).
         with_entropy: also return the entropy of the full-vocabulary distribution.
+        temperature: T > 0; log-probs and entropy are those of softmax(logits / T), the
+            distribution a sampler at temperature T draws from (SGLang's log-probs at T are
+            these, over the full vocabulary: top-k / top-p do not renormalise them).
 
     Returns:
-        (logp, entropy): logp [T] float32 = log softmax(z)[t, targets[t]]; entropy [T] float32
+        (logp, entropy): logp [T] float32 = log softmax(logits / T)[t, targets[t]]; entropy [T] float32
         or None. Both identical on every rank of `tp_group` and differentiable w.r.t. `logits`
         (the gradient is [T, V_local] in logits' dtype, each rank's own columns).
 
     Raises:
         ValueError: on non-float logits, non-integer targets, mismatched shapes or devices,
-            targets outside [0, V_local * tp_size), or chunk_tokens < 1.
+            targets outside [0, V_local * tp_size), chunk_tokens < 1, or temperature <= 0.
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         dtype = logits.dtype if isinstance(logits, torch.Tensor) else type(logits)
@@ -211,6 +225,8 @@ def vocab_parallel_logprobs(
         raise ValueError(f"targets on {targets.device} but logits on {logits.device}")
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     v_local = logits.shape[1]
     if v_local < 1:
         raise ValueError("logits has an empty vocab dimension (V_local = 0)")
@@ -225,7 +241,7 @@ def vocab_parallel_logprobs(
                              f"got values in [{low}, {high}]")
 
     out = _VocabParallelLogprobs.apply(logits, targets, tp_group, tp_size, tp_rank, chunk_tokens,
-                                       bool(with_entropy))
+                                       bool(with_entropy), 1.0 / float(temperature))
     if with_entropy:
         return out[0], out[1]
     return out, None

@@ -8,7 +8,8 @@ the gradient we want is the plain sum over micro-batches and DP x CP ranks. mega
   * with `calculate_per_token_loss=True` and a 3-tuple (loss, num_tokens, logs), leaves the loss alone,
     sums gradients, and divides them by num_tokens summed over micro-batches and DP x CP
     (finalize_model_grads).
-This module returns what the loss function must hand to the schedule in either mode.
+This module returns what the loss function must hand to the schedule in either mode, and the factor
+by which any other loss share attached inside the model (the MoE router loss) must be scaled.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ def schedule_loss_output(
             calculate_per_token_loss is on, where megatron divides by their global sum, which equals
             denom.tokens by construction.
     """
+    factor = loss_scale_factor(num_microbatches=num_microbatches, dp_size=dp_size,
+                               calculate_per_token_loss=calculate_per_token_loss, denom=denom)
     if calculate_per_token_loss:
-        return loss * denom.tokens, local_tokens.int(), logs
-    return loss * (num_microbatches * dp_size), logs
+        return loss * factor, local_tokens.int(), logs
+    return loss * factor, logs
+
+
+def loss_scale_factor(*, num_microbatches: int, dp_size: int, calculate_per_token_loss: bool,
+                      denom: Denominators) -> float:
+    """What a rank's share of the global loss is multiplied by before megatron scales it: M * dp
+    (megatron applies cp / M, then DDP averages over dp * cp), or the step's response tokens with
+    `calculate_per_token_loss` (megatron divides the summed gradients by them). The same for the
+    loss the schedule sees and for a loss attached with `MoEAuxLossAutoScaler`, whose backward
+    seed megatron sets to cp / M (or 1 per token) the same way."""
+    return float(denom.tokens) if calculate_per_token_loss else float(num_microbatches * dp_size)

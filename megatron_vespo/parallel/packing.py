@@ -63,6 +63,12 @@ class PackedBatch:
         return self.input_ids.shape[0]
 
     @property
+    def real_positions(self) -> Tensor:
+        """[T] bool: the position holds a token of its sequence (not padding)."""
+        real_lengths = torch.diff(self.cu_seqlens).to(self.position_ids.device)
+        return self.position_ids < real_lengths[self.seq_index]
+
+    @property
     def local_seq_lengths(self) -> Tensor:
         """[S] int64 positions of each sequence held here (contiguous, in sequence order)."""
         return torch.diff(self.cu_seqlens_padded).long() // self.cp_size

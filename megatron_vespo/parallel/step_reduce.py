@@ -15,16 +15,20 @@ from .packing import PackedBatch
 
 
 def global_denominators(micro_batches: Sequence[PackedBatch], dp_group) -> Denominators:
-    """Response tokens and sequences of the whole step: this rank's micro-batches, summed over DP.
+    """Response tokens, sequences and real tokens of the whole step: this rank's micro-batches,
+    summed over DP.
 
-    The per-sequence response lengths are global over CP (every CP rank holds the same sequences), so
-    CP ranks need no reduction and one all-reduce of two numbers over the DP group suffices.
+    The per-sequence lengths are global over CP (every CP rank holds the same sequences), so CP
+    ranks need no reduction and one all-reduce of three numbers over the DP group suffices.
     """
     lengths = torch.cat([mb.response_lengths for mb in micro_batches])
-    totals = torch.stack([lengths.sum(), (lengths > 0).sum()]).double()
+    real = sum(int(mb.cu_seqlens[-1]) for mb in micro_batches)
+    totals = torch.tensor([float(lengths.sum()), float((lengths > 0).sum()), float(real)],
+                          dtype=torch.float64)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(totals, group=dp_group)
-    return Denominators(tokens=totals[0].item(), sequences=totals[1].item())
+    tokens, sequences, input_tokens = totals.tolist()
+    return Denominators(tokens=tokens, sequences=sequences, input_tokens=input_tokens)
 
 
 def all_reduce_over(groups: Sequence[dist.ProcessGroup], op) -> Callable[[Tensor], Tensor]:

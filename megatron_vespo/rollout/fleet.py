@@ -18,7 +18,7 @@ from typing import Optional
 
 from megatron_vespo.ports import free_ports
 from megatron_vespo.rollout.router import RouterClient, RouterError, RouterProcess
-from megatron_vespo.rollout.server import ServerOptions, SGLangServer, is_healthy
+from megatron_vespo.rollout.server import ServerOptions, SGLangServer, is_healthy, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,10 @@ class Fleet:
         self._closed = False
 
     @classmethod
-    def launch(cls, model_path: str, cfg: FleetConfig, log_dir: Path) -> "Fleet":
-        """Start cfg.num_servers servers and a router; return once the router lists all healthy.
-        Anything started is stopped again if start-up fails."""
+    def launch(cls, model_path: str, cfg: FleetConfig, log_dir: Path, seed: int = 0) -> "Fleet":
+        """Start cfg.num_servers servers (server i's sampler seeded with seed + i) and a router;
+        return once the router lists all healthy. Anything started is stopped again if start-up
+        fails."""
         log_dir = Path(log_dir)
         ports = [cfg.base_port + i for i in range(cfg.num_servers)] if cfg.base_port else []
         spare = free_ports(cfg.num_servers + 2)  # any free ports for what the config leaves open
@@ -107,7 +108,8 @@ class Fleet:
         servers: list[SGLangServer] = []
         router_process = None
         try:
-            servers = [SGLangServer(model_path, p, cfg.server, log_dir / f"server_{p}.log") for p in ports]
+            servers = [SGLangServer(model_path, p, seeded(cfg.server, seed, i),
+                                    log_dir / f"server_{p}.log") for i, p in enumerate(ports)]
             # Start-up is mostly CPU-bound imports and model load: wait for all in parallel.
             with ThreadPoolExecutor(len(servers)) as pool:
                 list(pool.map(lambda s: s.wait_healthy(), servers))

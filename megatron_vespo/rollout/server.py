@@ -10,7 +10,7 @@ group) so that stopping it also stops sglang's scheduler and detokenizer childre
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +41,8 @@ class ServerOptions:
     max_total_tokens: Optional[int] = None
     enable_routed_experts: bool = False  # MoE: return each token's routed experts (for R3 and metrics)
     startup_timeout_s: float = 600.0
+    # sglang --random-seed (its sampler's generator); None: the fleet sets train.seed + server index
+    random_seed: Optional[int] = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)  # passed to sglang verbatim
 
     def __post_init__(self) -> None:
@@ -70,7 +72,16 @@ def server_argv(model_path: str, port: int, opts: ServerOptions, cpu: Optional[b
         argv += ["--mem-fraction-static", str(opts.mem_fraction_static)]
     if opts.enable_routed_experts:
         argv.append("--enable-return-routed-experts")
+    if opts.random_seed is not None:
+        argv += ["--random-seed", str(opts.random_seed)]
     return argv + list(opts.extra_args)
+
+
+def seeded(opts: ServerOptions, seed: int, index: int) -> ServerOptions:
+    """`opts` with server `index` of a fleet seeded from the run's `seed`, unless the config
+    already names a seed (then that seed + index): two runs with one seed sample alike."""
+    base = seed if opts.random_seed is None else opts.random_seed
+    return replace(opts, random_seed=base + index)
 
 
 def get_json(url: str, path: str, timeout: float = 30.0) -> dict:

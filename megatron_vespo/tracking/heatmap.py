@@ -23,6 +23,7 @@ def write_load_heatmap(load: Tensor, path: str | os.PathLike, title: Optional[st
         raise ValueError(f"load must be [L, E], got shape {tuple(load.shape)}")
     import matplotlib
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     data = load.detach().to(torch.float64).cpu().numpy()
     num_layers, num_experts = data.shape
@@ -41,6 +42,10 @@ def write_load_heatmap(load: Tensor, path: str | os.PathLike, title: Optional[st
         vmax=vmax if vmax > 0 else 1.0,
         origin="upper",
     )
+    # one tick per layer / expert at most, never between two (the default locator puts ticks at
+    # fractional layers for small counts)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title(title or f"Expert load ({num_layers} layers x {num_experts} experts)")
