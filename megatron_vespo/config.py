@@ -75,12 +75,14 @@ class AlgorithmConfig:
         """The parameters of the selected loss (its sub-section)."""
         return getattr(self, self.loss)
 
-    def loss_settings(self, logprob_chunk_tokens: int) -> LossSettings:
-        """What the learner's loss path takes from this section."""
+    def loss_settings(self, logprob_chunk_tokens: int, temperature: float) -> LossSettings:
+        """What the learner's loss path takes from this section, with the sampling temperature
+        the behaviour policy's samples were drawn at."""
         return LossSettings(
             loss=self.loss, params=self.loss_params, correct_mismatch=self.correct_mismatch,
             mismatch_threshold=self.mismatch_threshold, logprob_chunk_tokens=logprob_chunk_tokens,
-            routing_replay=self.routing_replay, routing_metrics=self.routing_metrics)
+            routing_replay=self.routing_replay, routing_metrics=self.routing_metrics,
+            temperature=temperature)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,14 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
+    @property
+    def loss_settings(self) -> LossSettings:
+        """What the learner's loss path takes from the config: the algorithm section, the
+        log-prob chunking, and the temperature the samples are drawn at (the learner's log pi and
+        old log-probs are those of softmax(logits / T), as the engine's are)."""
+        return self.algorithm.loss_settings(self.train.logprob_chunk_tokens,
+                                            self.rollout.sampling.temperature)
+
     def __post_init__(self) -> None:
         if self.train.world_size % (self.parallel.tp * self.parallel.pp * self.parallel.cp):
             raise ValueError(f"train.world_size ({self.train.world_size}) must be divisible by "
@@ -104,9 +114,15 @@ class Config:
             raise ValueError(f"train: a mini-batch of {self.train.mini_batch_size} samples "
                              f"(rollout_batch_size / staleness) cannot feed {dp} data-parallel ranks")
         check_moe_layout(self.model, self.parallel)
-        check_learner_settings(self.model, self.parallel,
-                               self.algorithm.loss_settings(self.train.logprob_chunk_tokens))
-        if self.parallel.vpp:
+        if self.rollout.sampling.temperature <= 0:
+            raise ValueError("rollout.sampling.temperature must be > 0: training samples drawn "
+                             "greedily (temperature 0) have no sampling distribution for the "
+                             "importance weight W = pi / mu to refer to (evaluation is greedy on "
+                             "its own)")
+        check_learner_settings(self.model, self.parallel, self.loss_settings)
+        if self.parallel.vpp and self.train.max_tokens_per_micro_batch is None:
+            # (With a token budget the micro-batch count is rounded up to a multiple of pp when
+            # the batch is cut: `batching.micro_batch_plan`.)
             # DP ranks get mini-batch shares differing by at most one sample
             # (`batching.rank_micro_batches`), hence up to two micro-batch counts.
             for share in {self.train.mini_batch_size // dp, -(-self.train.mini_batch_size // dp)}:

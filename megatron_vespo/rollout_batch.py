@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 from .algo.kernel import KernelConstants
 from .algo.kernel_control import AdaptiveC2
 from .config import Config
-from .learner.batching import rank_micro_batches, sample_advantages
+from .learner.batching import micro_batch_plan, pack_plan, sample_advantages
 from .learner.learner import Learner
 from .learner.samples import Sample
 from .moe.replay import rank_engine_routes
@@ -44,18 +44,22 @@ def train_rollout_batch(learner: Learner, config: Config, batch: Sequence[Sample
     mini = len(samples_k[0])
     pad = required_pad_multiple(layout.cp, layout.tp, layout.sequence_parallel)
     advantages = sample_advantages(batch, algo.advantage)
-    split = dict(dp_rank=groups.dp_rank, dp_size=groups.dp_size, micro_batch_size=cfg.micro_batch_size)
-    minis = [rank_micro_batches(s, advantages[k * mini:(k + 1) * mini], pad_multiple=pad,
-                                uniform_length=not learner.thd, cp_size=layout.cp,
-                                cp_rank=groups.cp_rank, **split)
-             for k, s in enumerate(samples_k)]
+    shape = dict(pad_multiple=pad, uniform_length=not learner.thd)
+    plans = [micro_batch_plan([x.num_tokens for x in s], dp_rank=groups.dp_rank,
+                              dp_size=groups.dp_size, micro_batch_size=cfg.micro_batch_size,
+                              max_tokens=cfg.max_tokens_per_micro_batch, dp_group=groups.dp,
+                              count_multiple=layout.pp if layout.vpp else 1, **shape)
+             for s in samples_k]
+    minis = [pack_plan(s, advantages[k * mini:(k + 1) * mini], plan, cp_size=layout.cp,
+                       cp_rank=groups.cp_rank, **shape)
+             for k, (s, plan) in enumerate(zip(samples_k, plans))]
     routes = [None] * staleness
     # R3 replays the engine's routes; routing metrics compare them with the old-policy forward's
     # when every sample of the rollout batch carries them.
     if algo.routing_replay == "R3" or (algo.routing_metrics and cfg.old_logprobs == "recompute"
                                        and all(s.routed_experts is not None for s in batch)):
-        routes = [rank_engine_routes(s, m, cp_rank=groups.cp_rank, **split)
-                  for s, m in zip(samples_k, minis)]
+        routes = [rank_engine_routes(s, m, plan, cp_rank=groups.cp_rank)
+                  for s, m, plan in zip(samples_k, minis, plans)]
     if cfg.old_logprobs == "recompute":
         minis = [learner.recompute_old_logprobs(m, r) for m, r in zip(minis, routes)]
     reward = sum(s.reward for s in batch) / len(batch)

@@ -43,3 +43,11 @@ def test_cp_comm_bytes_small():
     row = re.search(r"^2\s+2\s+.*all_reduce\[2,3\]float64.*\s(yes|NO)\s+[\d.e+-]+\s+[\d.]+$", out, re.M)
     assert row and row.group(1) == "yes", out  # every rank logged the same collectives
     assert re.search(r"^RESULT min gather/scheme ratio .*: (PASS|FAIL)$", out, re.M), out
+
+
+def test_route_payload_small():
+    out = run_script("route_payload.py", "--prompt", "8", "--response", "24", "--layers", "3",
+                     "--repeats", "1")
+    for row in ("nested lists (former)", "compact array"):
+        assert re.search(rf"^{re.escape(row)}\s", out, re.M), out
+    assert re.search(r"^RESULT compact / former: \d+x faster per token, .*: (PASS|FAIL)$", out, re.M), out

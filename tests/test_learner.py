@@ -3,6 +3,7 @@ training moves log-likelihoods in the direction of the advantages."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,9 +14,15 @@ from megatron_vespo.learner.samples import Sample
 from tests.distributed import run_ranks
 
 MOE = ModelConfig(family="qwen3_moe", num_experts=4, num_experts_per_tok=2, spec="local")
+# The router load-balancing loss on, large enough that its gradient moves the second step.
+MOE_AUX = dataclasses.replace(MOE, router_aux_loss_coef=0.1)
+# megatron's allgather dispatcher under EP all-gathers equal token counts: micro-batches of
+# different lengths on the two DP ranks are padded to one shape across the EP group.
+MOE_ALLGATHER = dataclasses.replace(MOE_AUX, moe_token_dispatcher="allgather")
 DENSE = ModelConfig(family="qwen3", spec="local")
 DEEP = ModelConfig(family="qwen3", num_hidden_layers=4, spec="local")  # for PP2 x VPP2
-MODELS = {"moe": MOE, "dense": DENSE, "deep": DEEP}
+MODELS = {"moe": MOE, "moe_aux": MOE_AUX, "moe_allgather": MOE_ALLGATHER, "dense": DENSE,
+          "deep": DEEP}
 
 
 def make_samples(n=16, vocab=256, seed=0) -> list[Sample]:
@@ -60,21 +67,31 @@ def make_learner(cfg, layout, state, lr=1e-3, distributed_optimizer=False):
 
 def micro_batches(learner, samples, per_rank_micro_batches):
     """This rank's share of `samples` in `per_rank_micro_batches` micro-batches of sizes differing by
-    at most one (16 samples in 6: 3, 3, 3, 3, 2, 2), each padded to its own longest sequence."""
+    at most one (16 samples in 6: 3, 3, 3, 3, 2, 2), each padded to its own longest sequence; or,
+    given as "t<N>", cut by a token budget of N packed positions per micro-batch."""
     from megatron_vespo.algo.advantages import AdvantageConfig
     from megatron_vespo.learner.batching import rank_micro_batches, sample_advantages
     from megatron_vespo.parallel.packing import required_pad_multiple
 
     layout, groups = learner.layout, learner.groups
     per_rank = len(samples) // groups.dp_size
+    budget = None
+    if isinstance(per_rank_micro_batches, str):
+        budget, per_rank_micro_batches = int(per_rank_micro_batches[1:]), 1
     return rank_micro_batches(
         samples, sample_advantages(samples, AdvantageConfig()), dp_rank=groups.dp_rank,
         dp_size=groups.dp_size, micro_batch_size=-(-per_rank // per_rank_micro_batches),
         pad_multiple=required_pad_multiple(layout.cp, layout.tp, layout.sequence_parallel),
-        uniform_length=True)
+        uniform_length=True, max_tokens=budget, dp_group=groups.dp,
+        count_multiple=layout.pp if layout.vpp else 1)
 
 
 KEYS = ("loss", "grad_norm", "phi/mean", "is/log_w_mean", "is/log_w_max", "tokens")
+AUX_KEYS = KEYS + ("moe/load_balancing_loss",)
+
+
+def _keys(model_name: str) -> tuple:
+    return AUX_KEYS if MODELS[model_name].router_aux_loss_coef else KEYS
 
 
 def train_two_steps(rank, world_size, cases, samples, states):
@@ -94,20 +111,28 @@ def train_two_steps(rank, world_size, cases, samples, states):
         denom = global_denominators(batches, learner.groups.dp)
         steps = [learner.train_step(batches, denom) for _ in range(2)]
         out[(model_name, tuple(sorted(layout_kw.items())), per_rank_mb)] = [
-            {k: s[k] for k in KEYS} for s in steps]
+            {k: s[k] for k in _keys(model_name)} for s in steps]
     return out
 
 
 # Micro-batches of one step differ in length (each is padded to its own longest sequence), and with
-# 6 per rank also in rows, so VPP (one activation shape per step) pads both.
+# 6 per rank also in rows, so VPP (one activation shape per step) pads both. With the router loss
+# on, every split and layout pads differently and routes other micro-batches together. "t<N>": a
+# token budget of N positions per micro-batch (ranks agree on the count, VPP rounds it to pp).
 LAYOUTS = {
-    1: [("moe", {}, 1), ("moe", {}, 4), ("dense", {}, 1), ("dense", {}, 4)],
+    1: [("moe", {}, 1), ("moe", {}, 4), ("dense", {}, 1), ("dense", {}, 4), ("moe_aux", {}, 3),
+        ("moe_aux", {}, 4), ("moe_aux", {}, "t48"), ("dense", {}, "t40")],
     2: [("moe", {"tp": 2, "sequence_parallel": True}, 1), ("moe", {"ep": 2}, 2), ("moe", {"pp": 2}, 4),
+        ("moe_aux", {"tp": 2, "sequence_parallel": True}, 1), ("moe_aux", {"ep": 2}, 2),
+        ("moe_aux", {"pp": 2}, 3), ("moe_allgather", {"ep": 2}, 2), ("moe_aux", {"ep": 2}, "t48"),
+        ("deep", {"pp": 2, "vpp": 2}, "t48"),
         ("moe", {}, 2), ("moe", {"distributed_optimizer": True}, 1),
         ("dense", {"tp": 2, "sequence_parallel": True}, 2), ("dense", {"pp": 2}, 1),
         ("dense", {}, 1), ("deep", {"pp": 2, "vpp": 2}, 2), ("deep", {"pp": 2, "vpp": 2}, 4),
         ("deep", {"pp": 2, "vpp": 2}, 6)],
     4: [("moe", {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, 1), ("dense", {"tp": 2, "pp": 2}, 2),
+        ("moe_aux", {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, 2),
+        ("moe_aux", {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, "t64"),
         ("deep", {"pp": 2}, 4), ("deep", {"pp": 2, "vpp": 2}, 4),
         ("deep", {"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True}, 2),
         ("deep", {"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True}, 6)],
@@ -130,11 +155,14 @@ def test_train_step_is_invariant_to_the_parallel_layout(world_size, reference):
     for rank, results in enumerate(per_rank):
         for (model, layout, mb), steps in results.items():
             for step, (got, want) in enumerate(zip(steps, ref[model]), 1):
-                for key in KEYS:
+                for key in _keys(model):
                     assert math.isclose(got[key], want[key], rel_tol=2e-5, abs_tol=1e-6), (
                         f"rank {rank} {model} {dict(layout)} micro-batches/rank={mb} step {step} "
                         f"{key}: {got[key]} != {want[key]}")
     assert ref["moe"][0]["loss"] != ref["moe"][1]["loss"]  # the first step changed the policy
+    # the router loss is on, near 1 (balanced routing), and its gradient changed the update
+    assert 0.9 < ref["moe_aux"][0]["moe/load_balancing_loss"] < 2
+    assert ref["moe_aux"][1]["grad_norm"] != ref["moe"][1]["grad_norm"]
 
 
 def recomputed_old_logprobs(rank, world_size, layout_kw, per_rank_mb, samples, state):

@@ -17,6 +17,14 @@ from megatron_vespo.parallel.packing import cp_shard, cp_unshard, split_evenly, 
 from tests.distributed import run_ranks
 from tests.test_learner import MOE, full_state, make_samples, micro_batches
 
+
+def plan(samples, per_micro_batch):
+    """One rank's micro-batch plan of `per_micro_batch` consecutive samples each."""
+    from megatron_vespo.learner.batching import micro_batch_plan
+
+    return micro_batch_plan([s.num_tokens for s in samples], dp_rank=0, dp_size=1,
+                            micro_batch_size=per_micro_batch)
+
 LAYERS, TOPK, EXPERTS = MOE.num_hidden_layers, MOE.num_experts_per_tok, MOE.num_experts
 LR = 0.05  # large enough that one step moves many routes of the tiny model
 
@@ -94,10 +102,10 @@ def test_missing_or_malformed_engine_routes_name_the_sample():
     samples[2] = replace(samples[2], routed_experts=None)
     batches = [pack(samples[:2], 1, True), pack(samples[2:], 1, True)]
     with pytest.raises(ValueError, match="sample 's2' has no routed_experts"):
-        rank_engine_routes(samples, batches, dp_rank=0, dp_size=1, micro_batch_size=2)
+        rank_engine_routes(samples, batches, plan(samples, 2))
     samples[2] = replace(samples[2], routed_experts=[[[0, 1]]])
     with pytest.raises(ValueError, match="sample 's2': routed_experts has shape"):
-        rank_engine_routes(samples, batches, dp_rank=0, dp_size=1, micro_batch_size=2)
+        rank_engine_routes(samples, batches, plan(samples, 2))
 
 
 # -- on a model (spawned gloo ranks) ----------------------------------------------------------------
@@ -214,7 +222,7 @@ def single_rank(rank, world_size, state, samples, path):
     # 5. R3 from the recorded sample file.
     engine = read_samples(path)
     r3 = build(state, "R3")
-    routes = rank_engine_routes(engine, batches, dp_rank=0, dp_size=1, micro_batch_size=8)
+    routes = rank_engine_routes(engine, batches, plan(engine, 8))
     with RouterCapture(r3.chunks) as cap4:
         old3 = r3.recompute_old_logprobs(batches, routes)
     res["r3_old_max_diff"] = max(float((a.old_logp - b.old_logp).abs().max())
@@ -230,8 +238,7 @@ def single_rank(rank, world_size, state, samples, path):
     with RouterCapture(r3.chunks) as cap5:
         r3.train_step(old3, denom, routes)
     res["r3_train_mismatch"] = mismatches(cap5, before, masks)
-    shuffled = rank_engine_routes(with_routes(samples, seed=5), batches, dp_rank=0, dp_size=1,
-                                  micro_batch_size=8)
+    shuffled = rank_engine_routes(with_routes(samples, seed=5), batches, plan(samples, 8))
     other = build(state, "R3").recompute_old_logprobs(batches, shuffled)
     res["r3_random_routes_diff"] = max(float((a.old_logp - b.old_logp).abs().max())
                                        for a, b in zip(plain, other))
@@ -316,7 +323,7 @@ def tp_sp_rank(rank, world_size, state, path):
     engine = read_samples(path)
     learner = build(state, "R3", {"tp": 2, "sequence_parallel": True})
     batches = micro_batches(learner, engine, 2)
-    routes = rank_engine_routes(engine, batches, dp_rank=0, dp_size=1, micro_batch_size=8)
+    routes = rank_engine_routes(engine, batches, plan(engine, 8))
     with RouterCapture(learner.chunks) as cap:
         old = learner.recompute_old_logprobs(batches, routes)
     mismatch = 0

@@ -150,3 +150,35 @@ def test_split_evenly():
     assert [list(r) for r in split_evenly(7, 3)] == [[0, 1, 2], [3, 4], [5, 6]]
     with pytest.raises(ValueError):
         split_evenly(2, 3)
+
+
+def test_token_budget_micro_batch_plan():
+    from megatron_vespo.learner.batching import micro_batch_cost, micro_batch_plan
+
+    lengths = [5, 9, 3, 7, 8, 2]
+    # THD: padded lengths (multiple 2) 6, 10, 4, 8, 8, 2 cut in order within 16 positions
+    assert micro_batch_plan(lengths, dp_rank=0, dp_size=1, micro_batch_size=99, max_tokens=14,
+                            pad_multiple=2) == [[0], [1, 2], [3], [4, 5]]
+    assert micro_batch_plan(lengths, dp_rank=0, dp_size=1, micro_batch_size=99, max_tokens=16,
+                            pad_multiple=2) == [[0, 1], [2, 3], [4, 5]]
+    # BSHD: rows x the longest padded row
+    assert micro_batch_cost([5, 9, 3], pad_multiple=2, uniform_length=True) == 30
+    plan = micro_batch_plan(lengths, dp_rank=0, dp_size=1, micro_batch_size=99, max_tokens=20,
+                            pad_multiple=2, uniform_length=True)
+    assert plan == [[0, 1], [2, 3], [4, 5]]  # 2 x 10, 2 x 8, 2 x 8
+    assert all(micro_batch_cost([lengths[i] for i in p], pad_multiple=2, uniform_length=True) <= 20
+               for p in plan)
+    # a count the pipeline needs (a multiple of 4 here) splits the widest micro-batches
+    plan = micro_batch_plan(lengths, dp_rank=0, dp_size=1, micro_batch_size=99, max_tokens=100,
+                            count_multiple=4)
+    assert len(plan) == 4 and sorted(i for p in plan for i in p) == list(range(6))
+    # the second DP rank's share only
+    assert micro_batch_plan(lengths, dp_rank=1, dp_size=2, micro_batch_size=99,
+                            max_tokens=100) == [[3, 4, 5]]
+    with pytest.raises(ValueError, match=r"train\.max_tokens_per_micro_batch=8 is smaller than one "
+                                         r"sequence of the batch: 9 tokens \(10 positions packed\)"):
+        micro_batch_plan(lengths, dp_rank=0, dp_size=1, micro_batch_size=99, max_tokens=8,
+                         pad_multiple=2)
+    with pytest.raises(ValueError, match="cannot fill the 8 micro-batches"):
+        micro_batch_plan(lengths, dp_rank=0, dp_size=1, micro_batch_size=99, max_tokens=100,
+                         count_multiple=8)

@@ -52,6 +52,7 @@ def routing_learner(layout, state, replay, lr):
 def two_steps(rank, world_size, cases, samples, state):
     """Per case (replay mode, micro-batches per rank, engine routes?): recompute the old policy,
     then two train steps on the same micro-batches; returns both steps' moe/ metrics."""
+    from megatron_vespo.learner.batching import micro_batch_plan
     from megatron_vespo.moe.replay import rank_engine_routes
     from megatron_vespo.parallel.layout import ParallelLayout
     from megatron_vespo.parallel.step_reduce import global_denominators
@@ -63,8 +64,9 @@ def two_steps(rank, world_size, cases, samples, state):
         routes = None
         if engine:
             g = learner.groups
-            routes = rank_engine_routes(samples, batches, dp_rank=g.dp_rank, dp_size=g.dp_size,
-                                        micro_batch_size=len(samples) // g.dp_size // per_rank_mb)
+            routes = rank_engine_routes(samples, batches, micro_batch_plan(
+                [s.num_tokens for s in samples], dp_rank=g.dp_rank, dp_size=g.dp_size,
+                micro_batch_size=len(samples) // g.dp_size // per_rank_mb))
         batches = learner.recompute_old_logprobs(batches, routes)
         denom = global_denominators(batches, learner.groups.dp)
         steps = [learner.train_step(batches, denom, routes) for _ in range(2)]

@@ -9,9 +9,10 @@ per-position tensors, so the loss path is identical.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..algo.advantages import AdvantageConfig, group_relative_advantages
 from ..parallel.packing import PackedBatch, cp_shard, pack_sequences, split_evenly
@@ -45,6 +46,87 @@ def pack_micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, *, pad
     )
 
 
+def micro_batch_cost(lengths: Sequence[int], *, pad_multiple: int, uniform_length: bool) -> int:
+    """Positions a micro-batch of sequences of `lengths` tokens occupies once packed: the sum of
+    the padded lengths (THD), or rows x the longest padded length (BSHD, `uniform_length`)."""
+    padded = [-(-n // pad_multiple) * pad_multiple for n in lengths]
+    return len(padded) * max(padded) if uniform_length else sum(padded)
+
+
+def micro_batch_plan(
+    lengths: Sequence[int],
+    *,
+    dp_rank: int,
+    dp_size: int,
+    micro_batch_size: int,
+    max_tokens: Optional[int] = None,
+    pad_multiple: int = 1,
+    uniform_length: bool = False,
+    dp_group=None,
+    count_multiple: int = 1,
+) -> list[list[int]]:
+    """Indices into a mini-batch of sequences of `lengths` tokens: this DP rank's contiguous
+    share, cut into micro-batches.
+
+    Without `max_tokens`: at most `micro_batch_size` sequences each. With it (the token budget,
+    `train.max_tokens_per_micro_batch`): consecutive sequences while the packed positions
+    (`micro_batch_cost`) stay within the budget; a sequence that alone exceeds it is an error
+    naming both numbers. The number of micro-batches is then agreed over `dp_group` (the largest,
+    rounded up to `count_multiple`: the pipeline size under VPP), so that every rank runs the same
+    number of forwards (the EP all-to-all of each forward spans DP ranks); a rank that needs fewer
+    splits its largest micro-batches. Any cut gives the same loss and gradients (global
+    denominators), so the budget only bounds activation memory.
+    """
+    if len(lengths) < dp_size:
+        raise ValueError(f"a mini-batch of {len(lengths)} samples cannot feed {dp_size} DP ranks")
+    mine = list(split_evenly(len(lengths), dp_size)[dp_rank])
+    if max_tokens is None:
+        count = -(-len(mine) // micro_batch_size)
+        return [[mine[k] for k in part] for part in split_evenly(len(mine), count)]
+
+    def cost(part: list[int]) -> int:
+        return micro_batch_cost([lengths[i] for i in part], pad_multiple=pad_multiple,
+                                uniform_length=uniform_length)
+
+    parts: list[list[int]] = []
+    for i in mine:
+        if cost([i]) > max_tokens:
+            raise ValueError(f"train.max_tokens_per_micro_batch={max_tokens} is smaller than one "
+                             f"sequence of the batch: {lengths[i]} tokens ({cost([i])} positions "
+                             f"packed); raise the budget to at least {cost([i])}")
+        if parts and cost(parts[-1] + [i]) <= max_tokens:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    count = len(parts)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        agreed = torch.tensor([count])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=dp_group)
+        count = int(agreed)
+    count = -(-count // count_multiple) * count_multiple
+    while len(parts) < count:
+        splittable = [p for p in parts if len(p) > 1]
+        if not splittable:
+            raise ValueError(f"this rank's {len(mine)} sequences cannot fill the {count} "
+                             f"micro-batches the other ranks (or the pipeline) need")
+        widest = max(splittable, key=cost)
+        k = parts.index(widest)
+        parts[k:k + 1] = [widest[:len(widest) // 2], widest[len(widest) // 2:]]
+    return parts
+
+
+def pack_plan(samples: Sequence[Sample], advantages: torch.Tensor, plan: Sequence[Sequence[int]], *,
+              pad_multiple: int, uniform_length: bool, cp_size: int = 1,
+              cp_rank: int = 0) -> list[PackedBatch]:
+    """The micro-batches of `plan` (indices into `samples` and `advantages`), packed and CP-sharded."""
+    out = []
+    for index in plan:
+        batch = pack_micro_batch([samples[i] for i in index], advantages[list(index)],
+                                 pad_multiple=pad_multiple, uniform_length=uniform_length)
+        out.append(cp_shard(batch, cp_size, cp_rank) if cp_size > 1 else batch)
+    return out
+
+
 def rank_micro_batches(
     samples: Sequence[Sample],
     advantages: torch.Tensor,
@@ -56,17 +138,15 @@ def rank_micro_batches(
     uniform_length: bool,
     cp_size: int = 1,
     cp_rank: int = 0,
+    max_tokens: Optional[int] = None,
+    dp_group=None,
+    count_multiple: int = 1,
 ) -> list[PackedBatch]:
-    """This DP rank's contiguous share of a mini-batch, cut into micro-batches of at most
-    `micro_batch_size` sequences, packed, and CP-sharded."""
-    if len(samples) < dp_size:
-        raise ValueError(f"a mini-batch of {len(samples)} samples cannot feed {dp_size} DP ranks")
-    mine = split_evenly(len(samples), dp_size)[dp_rank]
-    count = -(-len(mine) // micro_batch_size)
-    out = []
-    for part in split_evenly(len(mine), count):
-        index = [mine[k] for k in part]
-        batch = pack_micro_batch([samples[i] for i in index], advantages[index],
-                                 pad_multiple=pad_multiple, uniform_length=uniform_length)
-        out.append(cp_shard(batch, cp_size, cp_rank) if cp_size > 1 else batch)
-    return out
+    """This DP rank's share of a mini-batch as packed, CP-sharded micro-batches
+    (`micro_batch_plan` then `pack_plan`)."""
+    plan = micro_batch_plan([s.num_tokens for s in samples], dp_rank=dp_rank, dp_size=dp_size,
+                            micro_batch_size=micro_batch_size, max_tokens=max_tokens,
+                            pad_multiple=pad_multiple, uniform_length=uniform_length,
+                            dp_group=dp_group, count_multiple=count_multiple)
+    return pack_plan(samples, advantages, plan, pad_multiple=pad_multiple,
+                     uniform_length=uniform_length, cp_size=cp_size, cp_rank=cp_rank)

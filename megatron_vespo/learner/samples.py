@@ -19,13 +19,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
+
+
+# Routes are kept in the smallest unsigned integer type that holds the expert ids (uint8 up to 256
+# experts): a Qwen3-30B-A3B token's 48 x 8 routes are 384 bytes, not the 1.5 KB of SGLang's int32
+# or the ~12 KB of nested Python lists.
 REQUIRED = ("sample_id", "group_id", "prompt_ids", "response_ids", "reward", "engine_logprobs")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sample:
     """One prompt + response. engine_logprobs has one entry per response token; routed_experts, if
-    present, is [prompt_len + response_len - 1][num_moe_layers][top_k] (SGLang's layout)."""
+    present, is an integer array [prompt_len + response_len - 1, num_moe_layers, top_k] (SGLang's
+    layout) in the smallest type of the expert ids (`rollout.routed_experts.compact_routes`)."""
 
     sample_id: str
     group_id: int
@@ -34,12 +41,49 @@ class Sample:
     reward: float
     engine_logprobs: list[float]
     policy_version: int = 0
-    routed_experts: Optional[list] = None
+    routed_experts: Optional[np.ndarray] = None
     metadata: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+    def as_record(self) -> dict:
+        """The JSON-ready record of the file format."""
+        record = asdict(self)
+        if self.routed_experts is not None:
+            record["routed_experts"] = np.asarray(self.routed_experts).tolist()
+        return record
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sample):
+            return NotImplemented
+        mine, theirs = self.routed_experts, other.routed_experts
+        same_routes = (mine is None) == (theirs is None) and (
+            mine is None or np.array_equal(np.asarray(mine), np.asarray(theirs)))
+        return same_routes and all(getattr(self, f) == getattr(other, f)
+                                   for f in self.__dataclass_fields__ if f != "routed_experts")
+
+
+def route_dtype(num_experts: int) -> np.dtype:
+    """The smallest unsigned integer type that holds expert ids [0, num_experts)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_experts <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise ValueError(f"{num_experts} experts do not fit 32-bit expert ids")
+
+
+def compact_routes(routes: np.ndarray, num_experts: Optional[int] = None) -> np.ndarray:
+    """Integer routes [..., top_k] in `route_dtype` (of `num_experts`, or of the largest id
+    present); ids outside [0, num_experts) are an error naming the first one."""
+    if routes.size and (routes.dtype.kind not in "iu"):
+        raise ValueError(f"routed experts must be integers, got {routes.dtype}")
+    low, high = (int(routes.min()), int(routes.max())) if routes.size else (0, -1)
+    limit = num_experts if num_experts is not None else high + 1
+    if low < 0 or high >= limit:
+        raise ValueError(f"routed expert id {low if low < 0 else high} is outside "
+                                 f"[0, {limit})")
+    return routes.astype(route_dtype(max(limit, 1)), copy=False)
 
 
 class SampleError(ValueError):
@@ -58,7 +102,8 @@ def _int_list(value, name: str, where: str, vocab_size: Optional[int]) -> list[i
     return value
 
 
-def validate_sample(raw: dict, where: str, vocab_size: Optional[int] = None) -> Sample:
+def validate_sample(raw: dict, where: str, vocab_size: Optional[int] = None,
+                    num_experts: Optional[int] = None) -> Sample:
     """Check one decoded record and build the Sample; raises SampleError naming the field."""
     if not isinstance(raw, dict):
         raise SampleError(f"{where}: expected a JSON object, got {type(raw).__name__}")
@@ -92,17 +137,25 @@ def validate_sample(raw: dict, where: str, vocab_size: Optional[int] = None) -> 
         raise SampleError(f"{where}: field 'engine_logprobs' has {len(logprobs)} entries for "
                           f"{len(response)} response tokens")
     routed = raw.get("routed_experts")
-    if routed is not None and (not isinstance(routed, list) or len(routed) != len(prompt) + len(response) - 1):
-        raise SampleError(f"{where}: field 'routed_experts' must have prompt_len + response_len - 1 = "
-                          f"{len(prompt) + len(response) - 1} rows")
+    if routed is not None:
+        rows = len(prompt) + len(response) - 1
+        try:
+            routed = compact_routes(np.asarray(routed), num_experts)
+        except (ValueError, TypeError) as e:  # ragged or non-integer lists, ids out of range
+            raise SampleError(f"{where}: field 'routed_experts': {e}") from None
+        if routed.ndim != 3 or routed.shape[0] != rows:
+            raise SampleError(f"{where}: field 'routed_experts' must be [prompt_len + response_len "
+                              f"- 1 = {rows}, num_moe_layers, top_k], got shape {routed.shape}")
     if not isinstance(raw.get("metadata", {}), dict):
         raise SampleError(f"{where}: field 'metadata' must be an object")
-    return Sample(**{**raw, "reward": float(reward),
+    return Sample(**{**raw, "reward": float(reward), "routed_experts": routed,
                      "engine_logprobs": [float(v) for v in logprobs]})
 
 
-def read_samples(path: str | os.PathLike, vocab_size: Optional[int] = None) -> list[Sample]:
-    """All samples of a JSONL file, validated; duplicate sample ids are an error."""
+def read_samples(path: str | os.PathLike, vocab_size: Optional[int] = None,
+                 num_experts: Optional[int] = None) -> list[Sample]:
+    """All samples of a JSONL file, validated (token ids against `vocab_size`, routed expert ids
+    against `num_experts` when given); duplicate sample ids are an error."""
     samples, seen = [], set()
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -113,7 +166,7 @@ def read_samples(path: str | os.PathLike, vocab_size: Optional[int] = None) -> l
                 raw = json.loads(line, parse_constant=lambda c: float(c))  # NaN/Infinity allowed
             except json.JSONDecodeError as e:
                 raise SampleError(f"{where}: not valid JSON ({e.msg})") from None
-            sample = validate_sample(raw, where, vocab_size)
+            sample = validate_sample(raw, where, vocab_size, num_experts)
             if sample.sample_id in seen:
                 raise SampleError(f"{where}: duplicate sample_id {sample.sample_id!r}")
             seen.add(sample.sample_id)
@@ -131,7 +184,7 @@ def write_samples(path: str | os.PathLike, samples: Iterable[Sample]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             for s in samples:
-                f.write(json.dumps(asdict(s)) + "\n")
+                f.write(json.dumps(s.as_record()) + "\n")
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -17,6 +17,9 @@ class TrainConfig:
     rollout_batch_size: int = 16
     staleness: int = 1
     micro_batch_size: int = 4  # sequences per micro-batch per rank
+    # Token budget per micro-batch: packed positions (padding included, before the CP split)
+    # instead of a fixed sequence count; micro_batch_size is then unused. None: off.
+    max_tokens_per_micro_batch: Optional[int] = None
     old_logprobs: str = "recompute"  # recompute once per rollout batch, or trust the engine's
     epochs: int = 1  # passes over an offline rollout file
     max_steps: int = 0  # stop at the first rollout-batch boundary at or past this step; 0: no limit
@@ -44,6 +47,9 @@ class TrainConfig:
                      "histogram_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"max_tokens_per_micro_batch must be >= 1, got "
+                             f"{self.max_tokens_per_micro_batch}")
         if self.rollout_batch_size % self.staleness:
             raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
                              f"staleness ({self.staleness}): N mini-batches of equal size")

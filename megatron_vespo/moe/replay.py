@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..learner.samples import Sample
-from ..parallel.packing import PackedBatch, split_evenly, zigzag_index
+from ..parallel.packing import PackedBatch, zigzag_index
 from .per_batch import PerBatch
 
 REPLAY_MODES = ("off", "R2", "R3")
@@ -104,17 +104,14 @@ def micro_batch_engine_routes(samples: Sequence[Sample], batch: PackedBatch, cp_
     return routes
 
 
-def rank_engine_routes(samples: Sequence[Sample], batches: Sequence[PackedBatch], *, dp_rank: int,
-                       dp_size: int, micro_batch_size: int, cp_rank: int = 0) -> list[Tensor]:
-    """Per micro-batch engine routes of `batching.rank_micro_batches(samples, ...)` called with the
-    same arguments (the same contiguous DP share and micro-batch split)."""
-    mine = split_evenly(len(samples), dp_size)[dp_rank]
-    count = -(-len(mine) // micro_batch_size)
-    parts = split_evenly(len(mine), count)
-    if len(parts) != len(batches):
-        raise ValueError(f"{len(batches)} micro-batches, but the samples split into {len(parts)}")
-    return [micro_batch_engine_routes([samples[mine[k]] for k in part], batch, cp_rank)
-            for part, batch in zip(parts, batches)]
+def rank_engine_routes(samples: Sequence[Sample], batches: Sequence[PackedBatch],
+                       plan: Sequence[Sequence[int]], cp_rank: int = 0) -> list[Tensor]:
+    """Per micro-batch engine routes of the micro-batches `batches` packed from `plan` (indices
+    into `samples` per micro-batch, `batching.micro_batch_plan`)."""
+    if len(plan) != len(batches):
+        raise ValueError(f"{len(batches)} micro-batches, but the plan has {len(plan)}")
+    return [micro_batch_engine_routes([samples[i] for i in part], batch, cp_rank)
+            for part, batch in zip(plan, batches)]
 
 
 def align_to_router_order(values: Tensor, *, rows: Optional[int], tp_size: int = 1, tp_rank: int = 0,

@@ -96,7 +96,8 @@ class WeightSpan:
 @dataclass
 class Generation:
     """One sampled response. engine_logprobs[i] is log p(response_ids[i]) under the engine;
-    routed_experts is int32 [len(prompt_ids) + len(response_ids) - 1, num_moe_layers, top_k]."""
+    routed_experts is [len(prompt_ids) + len(response_ids) - 1, num_moe_layers, top_k] in the
+    smallest integer type of the expert ids (`routed_experts.compact_routes`)."""
 
     group_id: int
     sample_index: int
@@ -147,7 +148,8 @@ class RolloutClient:
     non-finite log-probs or misaligned lengths ("skip" drops the whole group, logged and counted)."""
 
     def __init__(self, fleet: Fleet, sampling: SamplingOptions, n: int = 1, return_routed_experts: bool = False,
-                 num_moe_layers: int = 0, max_in_flight: int = 64, on_invalid: str = "raise"):
+                 num_moe_layers: int = 0, max_in_flight: int = 64, on_invalid: str = "raise",
+                 num_experts: Optional[int] = None):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if return_routed_experts and num_moe_layers < 1:
@@ -161,6 +163,7 @@ class RolloutClient:
         self.n = n
         self.return_routed_experts = return_routed_experts
         self.num_moe_layers = num_moe_layers
+        self.num_experts = num_experts  # routed expert ids must lie in [0, num_experts)
         self.max_in_flight = max_in_flight
         self.on_invalid = on_invalid
         self.stats = RolloutStats()
@@ -283,8 +286,12 @@ class RolloutClient:
                 raise RolloutError("routed experts were requested but the server did not return them: "
                                    "start the servers with ServerOptions(enable_routed_experts=True) "
                                    "(--enable-return-routed-experts)")
-            routed = decode_routed_experts(meta["routed_experts"], len(prompt.prompt_ids) + len(response) - 1,
-                                           self.num_moe_layers)
+            try:
+                routed = decode_routed_experts(meta["routed_experts"],
+                                               len(prompt.prompt_ids) + len(response) - 1,
+                                               self.num_moe_layers, self.num_experts)
+            except ValueError as e:  # a payload of the wrong size, expert ids out of range
+                raise _InvalidAnswer(f"sample {index}: {e}") from None
         spans = [WeightSpan(parse_weight_version(s["version"]), s["start"], s["end"])
                  for s in meta.get("weight_versions") or []]
         if not spans:  # sglang leaves the spans out when the version is not tracked per token

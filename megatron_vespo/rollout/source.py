@@ -76,7 +76,7 @@ def to_samples(gens: Sequence[Generation], reward: Callable[[dict, list[int]], f
             sample_id=f"{g.group_id}-{g.sample_index}", group_id=g.group_id, prompt_ids=g.prompt_ids,
             response_ids=g.response_ids, reward=float(reward(g.metadata, g.response_ids)),
             engine_logprobs=g.engine_logprobs, policy_version=g.weight_version,
-            routed_experts=None if g.routed_experts is None else g.routed_experts.tolist(),
+            routed_experts=g.routed_experts,
             metadata={**g.metadata, "finish_reason": g.finish_reason, "latency_s": g.latency_s,
                       "weight_versions": [[s.version, s.start, s.end] for s in g.weight_versions]}))
     return out
