@@ -48,7 +48,7 @@ def parser(description: str, target: float) -> argparse.ArgumentParser:
 
 def _rank_times(rank, world_size, config, samples, warmup, repeats, prepare, variants):
     from megatron_vespo.learner.batching import rank_micro_batches, sample_advantages
-    from megatron_vespo.offline import build_learner
+    from megatron_vespo.trainer import build_learner
     from megatron_vespo.parallel.packing import required_pad_multiple
     from megatron_vespo.parallel.step_reduce import global_denominators
 

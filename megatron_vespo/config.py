@@ -135,6 +135,11 @@ class Config:
             raise ValueError(f"rollout.n_samples_per_prompt ({n}) must divide the mini-batch "
                              f"(train.rollout_batch_size / train.staleness = {self.train.mini_batch_size}): "
                              f"a prompt's responses are one advantage group")
+        if self.train.mini_batch_size // n < dp:
+            raise ValueError(f"train: a mini-batch of {self.train.mini_batch_size // n} prompts "
+                             f"(rollout_batch_size / staleness / rollout.n_samples_per_prompt) "
+                             f"cannot feed {dp} data-parallel ranks: a prompt's responses stay on "
+                             f"one rank")
         if self.rollout.fleet.server.enable_routed_experts and not self.model.is_moe:
             raise ValueError("rollout.fleet.server.enable_routed_experts needs a MoE model.family")
         if (self.rollout.mode == "async" and self.train.old_logprobs == "recompute"

@@ -51,3 +51,14 @@ def test_route_payload_small():
     for row in ("nested lists (former)", "compact array"):
         assert re.search(rf"^{re.escape(row)}\s", out, re.M), out
     assert re.search(r"^RESULT compact / former: \d+x faster per token, .*: (PASS|FAIL)$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_data_plane_small():
+    out = run_script("data_plane.py", "--sequences", "32", "--former-sequences", "8", "--mean", "64",
+                     "--longest", "256", "--prompt", "16", "--layers", "2", "--ranks", "2",
+                     timeout=300)
+    for row in ("current rank 1", "former rank 1"):
+        assert re.search(rf"^{re.escape(row)}\s", out, re.M), out
+    assert re.search(r"^RESULT current / former per token: \d+x faster .*: (PASS|FAIL); peak RSS .*"
+                     r": (PASS|FAIL); rank 0 holds", out, re.M), out

@@ -24,8 +24,10 @@ def train(tmp_path, rollouts, *overrides, resume=False):
 @pytest.mark.slow
 def test_train_writes_metrics_and_checkpoints_then_resumes(tmp_path):
     rollouts = tmp_path / "rollouts.jsonl"
-    write_samples(rollouts, make_samples(n=20, vocab=64))  # 2 rollout batches of 8, 4 samples left over
+    # 2 rollout batches of 16, 4 samples left over; 2 prompts per step feed the 2 DP ranks
+    write_samples(rollouts, make_samples(n=36, vocab=64))
     first = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=1",
+                  "train.rollout_batch_size=16",
                   "model.router_aux_loss_coef=0.01")
     assert first.returncode == 0, first.stderr
     assert "4 trailing samples do not fill a rollout batch" in first.stderr
@@ -38,6 +40,7 @@ def test_train_writes_metrics_and_checkpoints_then_resumes(tmp_path):
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest.endswith("4")
     second = train(tmp_path, rollouts, "train.world_size=2", "train.epochs=2",
+                   "train.rollout_batch_size=16",
                    "model.router_aux_loss_coef=0.01", resume=True)
     assert second.returncode == 0, second.stderr
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -62,14 +62,14 @@ VOCAB = 64  # configs/tiny_moe_cpu.yaml model.vocab_size
 
 # --- a learner killed with SIGKILL resumes exactly ----------------------------------------------
 
-STEPS = 12  # 48 samples = 6 rollout batches of 8, each consumed as 2 steps
-KILL_AFTER_STEPS = 3  # past the first checkpoint (step 2), before the end
+STEPS = 8  # 32 samples = one rollout batch consumed as N = 8 steps of one group of 4
+KILL_AFTER_STEPS = 3  # checkpoints every step: the kill falls inside the rollout batch
 
 
 def train_command(run_dir: Path, rollouts: Path, resume: bool = False) -> list[str]:
     return [sys.executable, "-m", "megatron_vespo.cli", "train", CONFIG, f"train.output_dir={run_dir}",
-            "train.rollout_batch_size=8", "train.staleness=2", "train.micro_batch_size=2",
-            "train.world_size=1", "train.epochs=1", "train.max_steps=0", "train.save_interval=2",
+            "train.rollout_batch_size=32", "train.staleness=8", "train.micro_batch_size=2",
+            "train.world_size=1", "train.epochs=1", "train.max_steps=0", "train.save_interval=1",
             "--rollouts", str(rollouts)] + (["--resume"] if resume else [])
 
 
@@ -98,13 +98,14 @@ def kill_after(cmd: list[str], run_dir: Path, steps: int, timeout_s: float = 300
 
 @pytest.mark.slow
 def test_sigkilled_learner_resumes_from_its_checkpoint_like_an_uninterrupted_run(tmp_path):
-    """SIGKILL of the whole process group after 3 logged steps; `--resume` restarts at the last
-    checkpoint (a rollout-batch boundary), and from there every step's loss and grad norm equal the
-    uninterrupted run's, on the same sample ids. Steps between the checkpoint and the kill are
-    legitimately trained again; counting only the run that survives, every sample of the file is
-    trained exactly once."""
+    """SIGKILL of the whole process group after 3 logged steps of a rollout batch of N = 8 steps;
+    `--resume` restarts at the last checkpoint, inside the batch (its prepared micro-batches and old
+    log-probs come back from the rollout bank, nothing is regenerated or recomputed), and from there
+    every step's loss and grad norm equal the uninterrupted run's, on the same sample ids. Steps
+    between the checkpoint and the kill are legitimately trained again; counting only the run that
+    survives, every sample of the file is trained exactly once."""
     rollouts = tmp_path / "rollouts.jsonl"
-    samples = make_samples(n=8 * STEPS // 2, vocab=VOCAB)
+    samples = make_samples(n=4 * STEPS, vocab=VOCAB)
     write_samples(rollouts, samples)
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
 
@@ -115,7 +116,8 @@ def test_sigkilled_learner_resumes_from_its_checkpoint_like_an_uninterrupted_run
 
     before_kill = read_consumed(crashed)
     checkpoint = int((crashed / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
-    assert checkpoint % 2 == 0 and 2 <= checkpoint <= len(before_kill) < STEPS
+    assert 1 <= checkpoint <= len(before_kill) < STEPS  # inside the only rollout batch
+    assert list((crashed / "rollout_bank").glob("rank_00000_v00000000.pt"))
     resumed = subprocess.run(train_command(crashed, rollouts, resume=True), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
@@ -147,7 +149,7 @@ def nonfinite_body(rank, world_size, cases, bad, clean):
     """Per case (config overrides): one rollout batch with bad engine log-probs, then a clean one;
     each step's metrics and whether every parameter is still finite afterwards."""
     from megatron_vespo.config import load_config
-    from megatron_vespo.offline import build_learner
+    from megatron_vespo.trainer import build_learner
     from megatron_vespo.rollout_batch import train_rollout_batch
 
     out = {}

@@ -64,7 +64,7 @@ def _config(name: str, init_dir=None):
 def export_worker(rank, world_size, jobs):
     """Randomly initialised learners (one per model), each exported as a HF directory."""
     from megatron_vespo.learner.hf_convert import export_model_to_hf
-    from megatron_vespo.offline import build_learner
+    from megatron_vespo.trainer import build_learner
 
     for name, directory in jobs:
         config = _config(name)
@@ -160,7 +160,7 @@ def _scenario(rank, name, model_dir, urls, export_dir):
     """The phases of the module docstring; rank 0 returns what the servers and the learner said."""
     import torch.distributed as dist
 
-    from megatron_vespo.offline import build_learner
+    from megatron_vespo.trainer import build_learner
     from megatron_vespo.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
 
     moe = name == "moe"

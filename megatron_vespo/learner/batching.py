@@ -35,15 +35,39 @@ def pack_micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, *, pad
     if uniform_length:
         longest = max(s.num_tokens for s in samples)
         pad_multiple = -(-longest // pad_multiple) * pad_multiple
-    engine = [torch.tensor(s.engine_logprobs, dtype=torch.float32) for s in samples]
+    engine = [torch.as_tensor(s.engine_logprobs).float() for s in samples]
     return pack_sequences(
-        [torch.tensor(s.prompt_ids + s.response_ids) for s in samples],
+        [torch.cat([torch.as_tensor(s.prompt_ids), torch.as_tensor(s.response_ids)]).long()
+         for s in samples],
         [len(s.prompt_ids) for s in samples],
         advantages,
         engine,
         engine,
         pad_multiple=pad_multiple,
     )
+
+
+def assign_groups(response_lengths: Sequence[int], group_ids: Sequence[int],
+                  dp_size: int) -> list[list[int]]:
+    """Indices of a mini-batch's sequences per DP rank: the sequences of one group (one prompt's
+    responses) stay together, so group statistics never cross ranks, and groups go to the rank
+    with the fewest response tokens so far, largest first (token balance, not sequence counts).
+    Each rank's indices keep the mini-batch's order."""
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(g, []).append(i)
+    if len(groups) < dp_size:
+        raise ValueError(f"a mini-batch of {len(groups)} prompt groups cannot feed {dp_size} DP "
+                         f"ranks (a group's responses stay on one rank): give each optimizer step "
+                         f"at least {dp_size} prompts")
+    tokens = {g: sum(response_lengths[i] for i in members) for g, members in groups.items()}
+    load = [0] * dp_size
+    out: list[list[int]] = [[] for _ in range(dp_size)]
+    for g in sorted(groups, key=lambda g: (-tokens[g], groups[g][0])):
+        rank = min(range(dp_size), key=lambda d: (load[d], d))
+        load[rank] += tokens[g]
+        out[rank] += groups[g]
+    return [sorted(part) for part in out]
 
 
 def micro_batch_cost(lengths: Sequence[int], *, pad_multiple: int, uniform_length: bool) -> int:

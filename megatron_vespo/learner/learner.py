@@ -372,6 +372,21 @@ class Learner:
         self._keep_old_routes(result, cap, routes)
         return result
 
+    def batch_caches(self, batches: Sequence[PackedBatch]) -> list:
+        """Per micro-batch, what the old-policy forward left for the training forwards of the same
+        batch objects (routing metrics' old routes, R2's recorded routes): saved with the batches
+        when a checkpoint falls inside a rollout batch, put back by `restore_batch_caches`."""
+        replay = self.routing_replay
+        return [(self._old_routes.get(b), None if replay is None else replay.recorded(b))
+                for b in batches]
+
+    def restore_batch_caches(self, batches: Sequence[PackedBatch], caches: Sequence) -> None:
+        for batch, (old_routes, recorded) in zip(batches, caches):
+            if old_routes is not None:
+                self._old_routes.put(batch, old_routes)
+            if self.routing_replay is not None:
+                self.routing_replay.restore_recorded(batch, recorded)
+
     def _recompute_dispatch(self, batches, routes) -> list[PackedBatch]:
         if self.routing_replay is not None:
             return self._recompute_with_replay(batches, routes)

@@ -17,9 +17,10 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import torch
 
 
 # Routes are kept in the smallest unsigned integer type that holds the expert ids (uint8 up to 256
@@ -30,7 +31,8 @@ REQUIRED = ("sample_id", "group_id", "prompt_ids", "response_ids", "reward", "en
 
 @dataclass(frozen=True, eq=False)
 class Sample:
-    """One prompt + response. engine_logprobs has one entry per response token; routed_experts, if
+    """One prompt + response. Token ids and log-probs are lists or (from the engine and between
+    ranks) arrays. engine_logprobs has one entry per response token; routed_experts, if
     present, is an integer array [prompt_len + response_len - 1, num_moe_layers, top_k] (SGLang's
     layout) in the smallest type of the expert ids (`rollout.routed_experts.compact_routes`)."""
 
@@ -50,19 +52,20 @@ class Sample:
 
     def as_record(self) -> dict:
         """The JSON-ready record of the file format."""
-        record = asdict(self)
-        if self.routed_experts is not None:
-            record["routed_experts"] = np.asarray(self.routed_experts).tolist()
-        return record
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in asdict(self).items()}
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sample):
             return NotImplemented
-        mine, theirs = self.routed_experts, other.routed_experts
-        same_routes = (mine is None) == (theirs is None) and (
-            mine is None or np.array_equal(np.asarray(mine), np.asarray(theirs)))
-        return same_routes and all(getattr(self, f) == getattr(other, f)
-                                   for f in self.__dataclass_fields__ if f != "routed_experts")
+        return all(_same(getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__)
+
+
+def _same(a, b) -> bool:
+    """Field equality for lists and arrays alike (token ids arrive as either)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return a is None and b is None or (a is not None and b is not None
+                                           and np.array_equal(np.asarray(a), np.asarray(b)))
+    return a == b
 
 
 def route_dtype(num_experts: int) -> np.dtype:
@@ -149,7 +152,9 @@ def validate_sample(raw: dict, where: str, vocab_size: Optional[int] = None,
     if not isinstance(raw.get("metadata", {}), dict):
         raise SampleError(f"{where}: field 'metadata' must be an object")
     return Sample(**{**raw, "reward": float(reward), "routed_experts": routed,
-                     "engine_logprobs": [float(v) for v in logprobs]})
+                     "prompt_ids": np.asarray(prompt, dtype=np.int32),
+                     "response_ids": np.asarray(response, dtype=np.int32),
+                     "engine_logprobs": np.asarray(logprobs, dtype=np.float64)})
 
 
 def read_samples(path: str | os.PathLike, vocab_size: Optional[int] = None,
@@ -189,3 +194,49 @@ def write_samples(path: str | os.PathLike, samples: Iterable[Sample]) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def samples_to_columns(samples: Sequence[Sample], **per_sample: torch.Tensor) -> dict:
+    """Samples as flat columns (`parallel.transport` moves them as bytes): token ids [sum L],
+    engine log-probs [sum R], routes [sum (L - 1), layers, k] when every sample has them,
+    per-sample lengths, rewards, groups, versions, ids (UTF-8, newline-separated), plus any
+    given [S] tensors. Metadata stays behind (training does not read it)."""
+    prompt = torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.int64)
+    response = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.int64)
+    tokens = np.concatenate([np.concatenate([np.asarray(s.prompt_ids, dtype=np.int64),
+                                             np.asarray(s.response_ids, dtype=np.int64)])
+                             for s in samples]) if samples else np.empty(0, np.int64)
+    columns = {
+        "prompt_lengths": prompt, "response_lengths": response,
+        "tokens": torch.from_numpy(tokens.astype(np.int32)),
+        "engine_logprobs": torch.from_numpy(np.concatenate(
+            [np.asarray(s.engine_logprobs, dtype=np.float64) for s in samples] or [np.empty(0)])),
+        "rewards": torch.tensor([s.reward for s in samples], dtype=torch.float64),
+        "group_ids": torch.tensor([s.group_id for s in samples], dtype=torch.int64),
+        "policy_versions": torch.tensor([s.policy_version for s in samples], dtype=torch.int64),
+        "sample_ids": torch.frombuffer(bytearray("\n".join(s.sample_id for s in samples).encode()),
+                                       dtype=torch.uint8),
+        **per_sample,
+    }
+    if samples and all(s.routed_experts is not None for s in samples):
+        columns["routes"] = torch.from_numpy(np.concatenate([np.asarray(s.routed_experts)
+                                                             for s in samples]))
+    return columns
+
+
+def columns_to_samples(columns: dict) -> list[Sample]:
+    """The samples of `samples_to_columns`, their arrays views of the columns (one Python object
+    per sample, none per token)."""
+    prompt, response = columns["prompt_lengths"].tolist(), columns["response_lengths"].tolist()
+    ids = bytes(columns["sample_ids"].numpy()).decode().split("\n") if prompt else []
+    tokens, logprobs = columns["tokens"].numpy(), columns["engine_logprobs"].numpy()
+    routes = columns["routes"].numpy() if "routes" in columns else None
+    rewards, groups = columns["rewards"].tolist(), columns["group_ids"].tolist()
+    versions = columns["policy_versions"].tolist()
+    out, t, r, q = [], 0, 0, 0
+    for i, (p, n) in enumerate(zip(prompt, response)):
+        out.append(Sample(ids[i], groups[i], tokens[t:t + p], tokens[t + p:t + p + n], rewards[i],
+                          logprobs[r:r + n], versions[i],
+                          None if routes is None else routes[q:q + p + n - 1]))
+        t, r, q = t + p + n, r + n, q + p + n - 1
+    return out

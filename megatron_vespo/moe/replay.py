@@ -278,3 +278,8 @@ class RoutingReplay:
     def recorded(self, batch: PackedBatch) -> Optional[list]:
         """[chunk][router] recorded top-k indices of a batch (router order), or None."""
         return self._recorded.get(batch)
+
+    def restore_recorded(self, batch: PackedBatch, per_chunk: Optional[list]) -> None:
+        """Attach routes `recorded` returned (for a batch restored from a checkpoint)."""
+        if per_chunk is not None:
+            self._recorded.put(batch, per_chunk)

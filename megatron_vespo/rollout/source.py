@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import aiohttp
+import numpy as np
 
 from ..learner.samples import Sample
 from .buffer import BufferClosed, StalenessBuffer
@@ -69,13 +70,17 @@ class RolloutConfig:
 
 
 def to_samples(gens: Sequence[Generation], reward: Callable[[dict, list[int]], float]) -> list[Sample]:
-    """Rewarded Samples from one or more groups of generations (order kept)."""
+    """Rewarded Samples from one or more groups of generations (order kept); token ids and
+    log-probs become arrays here, so a held rollout batch has no per-token Python objects."""
     out = []
     for g in gens:
         out.append(Sample(
-            sample_id=f"{g.group_id}-{g.sample_index}", group_id=g.group_id, prompt_ids=g.prompt_ids,
-            response_ids=g.response_ids, reward=float(reward(g.metadata, g.response_ids)),
-            engine_logprobs=g.engine_logprobs, policy_version=g.weight_version,
+            sample_id=f"{g.group_id}-{g.sample_index}", group_id=g.group_id,
+            prompt_ids=np.asarray(g.prompt_ids, dtype=np.int32),
+            response_ids=np.asarray(g.response_ids, dtype=np.int32),
+            reward=float(reward(g.metadata, g.response_ids)),
+            engine_logprobs=np.asarray(g.engine_logprobs, dtype=np.float64),
+            policy_version=g.weight_version,
             routed_experts=g.routed_experts,
             metadata={**g.metadata, "finish_reason": g.finish_reason, "latency_s": g.latency_s,
                       "weight_versions": [[s.version, s.start, s.end] for s in g.weight_versions]}))

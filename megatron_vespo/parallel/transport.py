@@ -1,0 +1,114 @@
+"""Move one data-parallel shard of columns (named tensors) from the source rank to the ranks that
+train it, as raw bytes rather than pickled objects.
+
+Rank 0 holds one column dict per DP index. It sends each to that DP index's first rank (point to
+point, over the given gloo group); that rank broadcasts it to the other ranks of its DP index (its
+TP / CP / PP peers). Bytes on rank 0's wire: each shard once. Every message is one header (the
+columns' names, dtypes and shapes, as JSON bytes) and one flat uint8 payload; the receiver takes
+its columns as views of that payload, so the shard is in memory once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+Columns = dict[str, Tensor]
+
+
+_ALIGN = 8  # every column starts at a multiple of the widest element, so it can be viewed in place
+
+
+def pack_columns(columns: Columns) -> tuple[Tensor, Tensor]:
+    """(header [H] uint8, payload [P] uint8) of CPU tensors, each column contiguous in the payload."""
+    layout, parts, offset = [], [], 0
+    for name, column in columns.items():
+        data = column.detach().contiguous().cpu().view(-1).view(torch.uint8)
+        layout.append([name, str(column.dtype).removeprefix("torch."), list(column.shape), offset])
+        pad = -data.numel() % _ALIGN
+        parts += [data, torch.zeros(pad, dtype=torch.uint8)]
+        offset += data.numel() + pad
+    header = torch.frombuffer(bytearray(json.dumps(layout).encode()), dtype=torch.uint8)
+    payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    return header, payload
+
+
+def unpack_columns(header: Tensor, payload: Tensor) -> Columns:
+    """The columns of `pack_columns`, as views of `payload`."""
+    out = {}
+    for name, dtype, shape, offset in json.loads(bytes(header.numpy()).decode()):
+        dtype = getattr(torch, dtype)
+        count = 1
+        for size in shape:
+            count *= size
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        out[name] = payload[offset:offset + nbytes].view(dtype).view(shape)
+    return out
+
+
+def _send(header: Tensor, payload: Tensor, dst: int, group) -> None:
+    dist.send(torch.tensor([header.numel(), payload.numel()]), dst, group=group)
+    dist.send(header, dst, group=group)
+    dist.send(payload, dst, group=group)
+
+
+def _recv(src: int, group) -> tuple[Tensor, Tensor]:
+    sizes = torch.empty(2, dtype=torch.int64)
+    dist.recv(sizes, src, group=group)
+    header = torch.empty(int(sizes[0]), dtype=torch.uint8)
+    payload = torch.empty(int(sizes[1]), dtype=torch.uint8)
+    dist.recv(header, src, group=group)
+    dist.recv(payload, src, group=group)
+    return header, payload
+
+
+def _broadcast(message: Optional[tuple[Tensor, Tensor]], src: int, group) -> tuple[Tensor, Tensor]:
+    sizes = torch.tensor([message[0].numel(), message[1].numel()]) if message else \
+        torch.empty(2, dtype=torch.int64)
+    dist.broadcast(sizes, src, group=group)
+    if message is None:
+        message = (torch.empty(int(sizes[0]), dtype=torch.uint8),
+                   torch.empty(int(sizes[1]), dtype=torch.uint8))
+    for part in message:
+        dist.broadcast(part, src, group=group)
+    return message
+
+
+class ShardScatter:
+    """The groups one scatter needs, made once (collective over the world): every rank's DP index
+    and, per DP index, a gloo group of its ranks (the first of them receives from rank 0)."""
+
+    def __init__(self, dp_rank: int) -> None:
+        world = dist.get_world_size()
+        indices: list[int] = [0] * world
+        dist.all_gather_object(indices, dp_rank)
+        self.dp_rank, self.dp_size = dp_rank, max(indices) + 1
+        self.members = [[r for r in range(world) if indices[r] == d] for d in range(self.dp_size)]
+        self.control = dist.new_group(backend="gloo")
+        self.peers = [dist.new_group(m, backend="gloo") for m in self.members]
+        self.sent_bytes = 0  # rank 0: payload bytes sent to other DP ranks' first ranks
+
+    def scatter(self, shards: Optional[Iterable[Columns]]) -> Columns:
+        """Rank 0 passes one column dict per DP index, in order (an iterator: one is packed at a
+        time); the others pass None. Every rank returns its own."""
+        me = dist.get_rank()
+        leader = self.members[self.dp_rank][0]
+        message = None
+        if me == 0:
+            for d, shard in enumerate(shards):
+                packed = pack_columns(shard)
+                if self.members[d][0] == 0:
+                    message = packed
+                else:
+                    _send(*packed, dst=self.members[d][0], group=self.control)
+                    self.sent_bytes += packed[1].numel()
+        elif me == leader:
+            message = _recv(0, group=self.control)
+        if len(self.members[self.dp_rank]) > 1:
+            message = _broadcast(message if me == leader else None, leader,
+                                 self.peers[self.dp_rank])
+        return unpack_columns(*message)

@@ -1,0 +1,81 @@
+"""Rank 0's outputs of a training run, the same for every source of samples: one row per step in
+`metrics.jsonl`, the sample ids of every step in `samples_consumed.jsonl` (both flushed per line,
+so a killed run keeps the record of every step it finished), the MLflow run, the expert-load
+heat-maps and weight/phi histograms when due, and a progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .heatmap import write_load_heatmap
+from .jsonl import JsonlMetrics
+from .mlflow_run import start_tracker
+
+# Parameter-name fragments -> histogram panel; the first match wins.
+_WEIGHT_GROUPS = (("router", "router"), ("experts", "experts"), ("embedding", "embedding"),
+                  ("output_layer", "output layer"), ("norm", "norms"), ("self_attention", "attention"),
+                  ("mlp", "mlp"))
+
+
+def weight_histogram_values(chunks) -> dict[str, torch.Tensor]:
+    """This rank's parameters, flattened per group (its shard of each; rank 0 logs them)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            group = next((g for key, g in _WEIGHT_GROUPS if key in name), "other")
+            groups.setdefault(group, []).append(param.detach().float().flatten().cpu())
+    return {f"weights/{g}": torch.cat(v) for g, v in groups.items()}
+
+
+def _progress_fields(m: dict) -> dict:
+    return {"reward": f"{m.get('reward/mean', float('nan')):.3f}",
+            "phi": f"{m.get('phi/mean', float('nan')):.3f}",
+            "stale": f"{m.get('staleness/sample_lag_mean', 0.0):.1f}",
+            "grad": f"{m.get('grad_norm', float('nan')):.3g}"}
+
+
+class RunSinks:
+    """Everything rank 0 writes about the steps of a run (`config`: the resolved `Config`)."""
+
+    def __init__(self, config: Any, run_dir: Path, resume: bool, start_step: int) -> None:
+        self.config, self.run_dir = config, Path(run_dir)
+        self.jsonl = JsonlMetrics(self.run_dir / "metrics.jsonl")
+        self._consumed = open(self.run_dir / "samples_consumed.jsonl", "a")
+        self.tracker = start_tracker(config.tracking, self.run_dir, config, resume=resume)
+        self.bar = tqdm(total=config.train.max_steps or None, initial=start_step, unit="step",
+                        desc="train", dynamic_ncols=True)
+
+    def step_done(self, step: int, learner, sample_ids: list[str]) -> None:
+        """After optimizer step `step`: its sample ids, and the heat-map and histograms when due
+        (while the learner still holds that step's routing load and phi)."""
+        self._consumed.write(json.dumps({"step": step, "sample_ids": sample_ids}) + "\n")
+        self._consumed.flush()
+        cfg = self.config.train
+        if cfg.heatmap_interval and step % cfg.heatmap_interval == 0 \
+                and learner.last_routing_load is not None:
+            path = self.run_dir / "routing" / f"step_{step:08d}.png"
+            write_load_heatmap(learner.last_routing_load, path, title=f"expert load, step {step}")
+            self.tracker.log_artifact(path, "routing")
+        if cfg.histogram_interval and step % cfg.histogram_interval == 0:
+            values = weight_histogram_values(learner.chunks)
+            if learner.last_seq_coef is not None:
+                values["phi (rank 0 sequences)"] = learner.last_seq_coef
+            self.tracker.log_histograms(step, values)
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One step's row (its evaluation included, when one followed it)."""
+        self.jsonl.log(step, metrics)
+        self.tracker.log_metrics(step, metrics)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(_progress_fields(metrics), refresh=True)
+
+    def close(self, status: str) -> None:
+        self.bar.close()
+        self.jsonl.close()
+        self._consumed.close()
+        self.tracker.close(status)

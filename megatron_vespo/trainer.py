@@ -1,0 +1,286 @@
+"""The one trainer loop, for every source of samples: a recorded file (`offline.FileSource`), the
+synchronous fleet and the fully asynchronous fleet (`online.FleetSource`).
+
+Every learner rank runs `train_rank`. Rank 0 takes each rollout batch from the source, splits it
+over the DP ranks (whole prompt groups, balanced by response tokens, advantages over the batch) and
+sends each DP rank only its share, as columns of bytes (`parallel.transport`: to the DP rank's
+first rank, which passes it to its TP / CP / PP peers); every rank prepares its share
+(`rollout_batch`: its micro-batches, the old log-probs recomputed once) and trains the batch's steps; the source then
+does what follows a batch (a weight sync to the fleet when due). Evaluation (when the source has
+one) every `train.eval_interval` steps; checkpoints every `train.save_interval` steps, also inside
+a rollout batch: each rank's prepared share of the batch is then persisted in the run's rollout
+bank first, and `--resume` continues at the exact next step without regenerating or recomputing
+anything. SIGINT/SIGTERM (Ctrl-C, scancel, a Slurm time limit) stop at the next step with a
+checkpoint.
+
+The checkpoint cursor (`extra_state`): {"source": the source's own state, "kernel": the adapted
+kernel constants, "bank": {"key", "next_step"} when the checkpoint falls inside a batch}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .learner.checkpoint import load_checkpoint, save_checkpoint
+from .learner.learner import Learner
+from .learner.samples import Sample, columns_to_samples, samples_to_columns
+from .parallel.transport import ShardScatter
+from .rollout_batch import (PreparedBatch, RankShare, kernel_state, mini_batches,
+                            prepare_rollout_batch, restore_kernel, share_rollout_batch,
+                            train_prepared_step)
+from .tracking.sinks import RunSinks
+
+
+def build_learner(config: Config) -> Learner:
+    """Process groups, model chunks, optimizer; initial weights from the HF checkpoint if set, else
+    the seeded initial model (`learner.init_weights`: the same for every parallel layout)."""
+    from megatron.core import tensor_parallel
+
+    layout = config.parallel
+    groups = layout.initialize()
+    torch.manual_seed(config.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
+    learner = Learner(config.model, layout, groups, config.optim, config.loss_settings)
+    chunks = [c.module for c in learner.chunks]
+    if config.train.init_hf_checkpoint:
+        from .learner.hf_convert import load_hf_into_model
+
+        load_hf_into_model(config.train.init_hf_checkpoint, chunks, config.model, layout)
+    else:
+        from .learner.init_weights import init_weights
+
+        init_weights(chunks, config.model, layout, config.train.seed)
+    learner.optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
+    return learner
+
+
+class SampleSource(Protocol):
+    """What the trainer needs from a source of samples. Methods marked collective run on every
+    rank; the others only on rank 0 (`is_rank0`)."""
+
+    steps_per_batch: int  # optimizer steps per rollout batch (N for a synchronous batch)
+
+    def start(self, learner: Learner) -> None:
+        """Collective: ready to hand out batches for the learner's current weights."""
+
+    def next_batch(self) -> Optional[tuple[list[Sample], dict]]:
+        """Rank 0: the next rollout batch and its rollout metrics, or None when there is none."""
+
+    def after_batch(self, learner: Learner) -> None:
+        """Collective: the learners trained a batch (weights to the fleet when due)."""
+
+    def evaluate(self) -> dict:
+        """Rank 0: held-out evaluation metrics of the current weights ({} without one)."""
+
+    def state_dict(self) -> dict:
+        """Rank 0: JSON-able state that a resumed run continues from."""
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Rank 0: continue from `state_dict()`'s (None: a fresh start)."""
+
+    def close(self) -> None:
+        """Every rank: stop what the source started."""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag instead of raising, so the loop can stop between steps; a second
+    signal raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"[megatron-vespo] {signal.Signals(signum).name}: stopping after this step with a "
+              f"checkpoint (again to abort)", file=sys.stderr, flush=True)
+
+
+def broadcast_object(obj: Any, group) -> Any:
+    """Rank 0's `obj` on every rank (pickled over the gloo control group)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _any_rank(flag: bool, group) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+class RolloutBank:
+    """This rank's prepared share of the rollout batch in training, persisted in
+    `root/rank_XXXXX_vYYYYYYYY.pt` (key Y: the policy version the batch started at), so that a
+    checkpoint can fall inside the batch. Written before the checkpoint that names it; older keys
+    are pruned only after a newer checkpoint is in place."""
+
+    def __init__(self, root: Path, rank: int) -> None:
+        self.root, self.rank = Path(root), rank
+
+    def _path(self, key: int) -> Path:
+        return self.root / f"rank_{self.rank:05d}_v{key:08d}.pt"
+
+    def save(self, key: int, prepared: PreparedBatch, learner: Learner, info: Any) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        caches = [learner.batch_caches(batches) for batches in prepared.steps]
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"prepared": prepared, "caches": caches, "info": info}, tmp)
+        os.replace(tmp, path)
+
+    def load(self, key: int, learner: Learner) -> tuple[PreparedBatch, Any]:
+        path = self._path(key)
+        if not path.exists():
+            raise FileNotFoundError(f"the checkpoint continues inside the rollout batch that started "
+                                    f"at policy version {key}, but {path} is missing")
+        saved = torch.load(path, weights_only=False)
+        for batches, caches in zip(saved["prepared"].steps, saved["caches"]):
+            learner.restore_batch_caches(batches, caches)
+        return saved["prepared"], saved["info"]
+
+    def prune(self, keep: Optional[int] = None) -> None:
+        """Remove this rank's banked batches other than `keep`."""
+        for path in self.root.glob(f"rank_{self.rank:05d}_v*.pt"):
+            if keep is None or path != self._path(keep):
+                path.unlink(missing_ok=True)
+
+
+def _batch_head(got: tuple[list[Sample], dict]) -> dict:
+    """What every rank needs of a whole rollout batch besides its share: a few scalars."""
+    batch, rollout_metrics = got
+    return {"rollout": rollout_metrics, "reward": sum(s.reward for s in batch) / len(batch),
+            "behaviour_version": sum(s.policy_version for s in batch) / len(batch)}
+
+
+def _receive_share(scatter: ShardScatter, got, config: Config, staleness: int) -> RankShare:
+    """This rank's share of the batch rank 0 holds (`got`; None elsewhere), moved as columns.
+    Rank 0 packs one DP rank's columns at a time, so its transit is one share."""
+    shards = None
+    if got is not None:
+        shares = share_rollout_batch(got[0], staleness, scatter.dp_size, config.algorithm.advantage)
+        shards = (samples_to_columns(s.samples, advantages=s.advantages, steps=s.steps)
+                  for s in shares)
+    columns = scatter.scatter(shards)
+    return RankShare(columns_to_samples(columns), columns["advantages"], columns["steps"])
+
+
+def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource,
+               resume: bool) -> dict:
+    """One rank of training from `source`; returns the last step's metrics."""
+    cfg = config.train
+    run_dir = Path(cfg.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    control = dist.new_group(backend="gloo")  # object broadcasts and flags, on CPU even with NCCL
+    stop = StopRequest()
+    cursor = (load_checkpoint(learner, ckpt_root) if resume else None) or {}
+    restore_kernel(learner, cursor.get("kernel"))
+    bank = RolloutBank(run_dir / "rollout_bank", rank)
+    scatter = ShardScatter(learner.groups.dp_rank)
+    banked = cursor.get("bank")
+    resumed = None  # (prepared batch, its key, rank 0's info, the step to continue at)
+    if banked:
+        prepared, info = bank.load(banked["key"], learner)
+        resumed = (prepared, banked["key"], info, banked["next_step"])
+    sinks = None
+    if rank == 0:
+        source.load_state_dict(cursor.get("source"))
+        sinks = RunSinks(config, run_dir, resume, learner.policy_version)
+
+    def checkpoint(bank_cursor: Optional[dict] = None) -> None:
+        state = broadcast_object(source.state_dict() if rank == 0 else None, control)
+        save_checkpoint(learner, ckpt_root, {"source": state, "kernel": kernel_state(learner),
+                                             "bank": bank_cursor})
+        bank.prune(keep=bank_cursor["key"] if bank_cursor else None)
+
+    def done() -> bool:
+        return bool(cfg.max_steps) and learner.policy_version >= cfg.max_steps
+
+    last: dict = {}
+    since_save = 0
+    status = "FAILED"
+    try:
+        source.start(learner)
+        status = "FINISHED"  # unless a stop request ends the loop first (or an exception)
+        while not done():
+            if resumed is not None:
+                prepared, key, info, first = resumed
+                resumed = None
+            else:
+                got = source.next_batch() if rank == 0 else None
+                # Everyone learns whether there is a batch, and its few scalars; each rank then
+                # receives only its own share of it, as bytes (`parallel.transport`).
+                head = broadcast_object(None if got is None else _batch_head(got), control)
+                if head is None:
+                    break
+                key, first = learner.policy_version, 0
+                share = _receive_share(scatter, got, config, source.steps_per_batch)
+                prepared = prepare_rollout_batch(learner, config, share, source.steps_per_batch,
+                                                 head["reward"])
+                info = {**head, "sample_ids": None if got is None else [
+                    [s.sample_id for s in mini]
+                    for mini in mini_batches(got[0], source.steps_per_batch)]}
+            in_bank = first > 0
+            halted = None  # the run's status when it ends inside this batch
+            for k in range(first, prepared.num_steps):
+                metrics = train_prepared_step(learner, config, prepared, k)
+                version = learner.policy_version
+                metrics.update(info["rollout"])
+                metrics["staleness/sample_lag_mean"] = version - 1 - info["behaviour_version"]
+                last = metrics
+                since_save += 1
+                if sinks:
+                    sinks.step_done(version, learner, info["sample_ids"][k])
+                    if k + 1 < prepared.num_steps:  # the batch's last step is logged with its evaluation
+                        sinks.log(version, metrics)
+                if k + 1 == prepared.num_steps:
+                    break
+                stopping = _any_rank(stop.requested, control)
+                if stopping or done() or (cfg.save_interval and since_save >= cfg.save_interval):
+                    if not in_bank:  # each rank's share of the batch, once, before it is named
+                        bank.save(key, prepared, learner, info)
+                        in_bank = True
+                    checkpoint({"key": key, "next_step": k + 1})
+                    since_save = 0
+                if stopping or done():
+                    halted = "KILLED" if stopping else "FINISHED"
+                    break
+            if halted:
+                status = halted
+                break
+            source.after_batch(learner)
+            version = learner.policy_version
+            if sinks:
+                # due when a multiple of eval_interval lies in the batch's steps (key: its start)
+                due = cfg.eval_interval and version // cfg.eval_interval > key // cfg.eval_interval
+                sinks.log(version, {**last, **(source.evaluate() if due else {})})
+            stopping = _any_rank(stop.requested, control)
+            if stopping or (cfg.save_interval and since_save >= cfg.save_interval):
+                checkpoint()
+                since_save = 0
+            if stopping:
+                status = "KILLED"
+                break
+        if since_save:
+            checkpoint()
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            source.close()
+        if sinks:
+            sinks.close(status)
+    return last
