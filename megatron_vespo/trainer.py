@@ -188,7 +188,7 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
     cursor = (load_checkpoint(learner, ckpt_root) if resume else None) or {}
     restore_kernel(learner, cursor.get("kernel"))
     bank = RolloutBank(run_dir / "rollout_bank", rank)
-    scatter = ShardScatter(learner.groups.dp_rank)
+    scatter = ShardScatter(learner.groups.dp_rank, control)
     banked = cursor.get("bank")
     resumed = None  # (prepared batch, its key, rank 0's info, the step to continue at)
     if banked:
@@ -196,7 +196,9 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
         resumed = (prepared, banked["key"], info, banked["next_step"])
     sinks = None
     if rank == 0:
-        source.load_state_dict(cursor.get("source"))
+        # Checkpoints written before this loop kept the source's keys at the top level.
+        legacy = {k: v for k, v in cursor.items() if k != "kernel"} or None
+        source.load_state_dict(cursor["source"] if "source" in cursor else legacy)
         sinks = RunSinks(config, run_dir, resume, learner.policy_version)
 
     def checkpoint(bank_cursor: Optional[dict] = None) -> None:

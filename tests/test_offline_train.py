@@ -125,3 +125,17 @@ def test_vespo_adaptive_steps_c2_and_resumes_it(tmp_path):
     resumed = read_metrics(tmp_path / "run" / "metrics.jsonl")[len(rows):]
     assert resumed[0]["kernel/c2_pos"] == pytest.approx(
         min(expected + 2.0 * (resumed[0]["phi/q_w_pos"] - 0.5), 10.0), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_expert_parallel_with_a_token_budget(tmp_path):
+    """EP2 over the two DP ranks: every forward's all-to-all spans both, so they must run the same
+    number of micro-batches although the token budget cuts their (token-balanced) shares apart."""
+    rollouts = tmp_path / "rollouts.jsonl"
+    write_samples(rollouts, make_samples(n=32, vocab=64))
+    result = train(tmp_path, rollouts, "train.world_size=2", "parallel.ep=2",
+                   "train.rollout_batch_size=16", "train.max_tokens_per_micro_batch=40")
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] is not None and r["grad_norm"] is not None for r in rows)

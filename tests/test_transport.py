@@ -35,8 +35,12 @@ def test_groups_stay_together_and_ranks_balance_response_tokens():
     assert sorted(i for p in parts for i in p) == list(range(16))
     for part in parts:
         assert part == sorted(part) and len({groups[i] for i in part}) * 4 == len(part)
-    loads = sorted(sum(lengths[i] for i in p) for p in parts)
-    assert loads == [80, 120]  # {120}, {40 + 36 + 4}: the best split of whole groups
+    # two groups each (equal sequence counts, so equal micro-batch counts), then tokens:
+    # {120 + 4} and {40 + 36}
+    assert sorted(sum(lengths[i] for i in p) for p in parts) == [76, 124]
+    assert [len(p) for p in parts] == [8, 8]
+    # 5 groups over 2 ranks: 3 and 2
+    assert sorted(len(p) for p in assign_groups(lengths + [5] * 4, groups + [4] * 4, 2)) == [8, 12]
     with pytest.raises(ValueError, match="a mini-batch of 4 prompt groups cannot feed 5 DP ranks"):
         assign_groups(lengths, groups, 5)
 

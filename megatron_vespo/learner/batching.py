@@ -50,9 +50,11 @@ def pack_micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, *, pad
 def assign_groups(response_lengths: Sequence[int], group_ids: Sequence[int],
                   dp_size: int) -> list[list[int]]:
     """Indices of a mini-batch's sequences per DP rank: the sequences of one group (one prompt's
-    responses) stay together, so group statistics never cross ranks, and groups go to the rank
-    with the fewest response tokens so far, largest first (token balance, not sequence counts).
-    Each rank's indices keep the mini-batch's order."""
+    responses) stay together, so group statistics never cross ranks; every rank gets the same
+    number of groups (one more on the first ranks when they do not divide), so equal-sized groups
+    give every rank as many sequences; within that, groups go largest first to the rank with the
+    fewest response tokens so far (token balance). Each rank's indices keep the mini-batch's
+    order."""
     groups: dict[int, list[int]] = {}
     for i, g in enumerate(group_ids):
         groups.setdefault(g, []).append(i)
@@ -60,11 +62,14 @@ def assign_groups(response_lengths: Sequence[int], group_ids: Sequence[int],
         raise ValueError(f"a mini-batch of {len(groups)} prompt groups cannot feed {dp_size} DP "
                          f"ranks (a group's responses stay on one rank): give each optimizer step "
                          f"at least {dp_size} prompts")
+    base, extra = divmod(len(groups), dp_size)
+    capacity = [base + (1 if d < extra else 0) for d in range(dp_size)]
     tokens = {g: sum(response_lengths[i] for i in members) for g, members in groups.items()}
     load = [0] * dp_size
     out: list[list[int]] = [[] for _ in range(dp_size)]
     for g in sorted(groups, key=lambda g: (-tokens[g], groups[g][0])):
-        rank = min(range(dp_size), key=lambda d: (load[d], d))
+        rank = min((d for d in range(dp_size) if capacity[d]), key=lambda d: (load[d], d))
+        capacity[rank] -= 1
         load[rank] += tokens[g]
         out[rank] += groups[g]
     return [sorted(part) for part in out]
@@ -95,33 +100,36 @@ def micro_batch_plan(
     Without `max_tokens`: at most `micro_batch_size` sequences each. With it (the token budget,
     `train.max_tokens_per_micro_batch`): consecutive sequences while the packed positions
     (`micro_batch_cost`) stay within the budget; a sequence that alone exceeds it is an error
-    naming both numbers. The number of micro-batches is then agreed over `dp_group` (the largest,
-    rounded up to `count_multiple`: the pipeline size under VPP), so that every rank runs the same
-    number of forwards (the EP all-to-all of each forward spans DP ranks); a rank that needs fewer
-    splits its largest micro-batches. Any cut gives the same loss and gradients (global
+    naming both numbers. Either way the number of micro-batches is then agreed over `dp_group`
+    (the largest, rounded up to `count_multiple`: the pipeline size under VPP), so that every rank
+    runs the same number of forwards (the EP all-to-all of each forward spans DP ranks); a rank
+    that needs fewer splits its largest micro-batches. Any cut gives the same loss and gradients (global
     denominators), so the budget only bounds activation memory.
     """
     if len(lengths) < dp_size:
         raise ValueError(f"a mini-batch of {len(lengths)} samples cannot feed {dp_size} DP ranks")
     mine = list(split_evenly(len(lengths), dp_size)[dp_rank])
-    if max_tokens is None:
-        count = -(-len(mine) // micro_batch_size)
-        return [[mine[k] for k in part] for part in split_evenly(len(mine), count)]
 
     def cost(part: list[int]) -> int:
+        if max_tokens is None:
+            return len(part)
         return micro_batch_cost([lengths[i] for i in part], pad_multiple=pad_multiple,
                                 uniform_length=uniform_length)
 
-    parts: list[list[int]] = []
-    for i in mine:
-        if cost([i]) > max_tokens:
-            raise ValueError(f"train.max_tokens_per_micro_batch={max_tokens} is smaller than one "
-                             f"sequence of the batch: {lengths[i]} tokens ({cost([i])} positions "
-                             f"packed); raise the budget to at least {cost([i])}")
-        if parts and cost(parts[-1] + [i]) <= max_tokens:
-            parts[-1].append(i)
-        else:
-            parts.append([i])
+    if max_tokens is None:
+        count = -(-len(mine) // micro_batch_size)
+        parts = [[mine[k] for k in part] for part in split_evenly(len(mine), count)]
+    else:
+        parts = []
+        for i in mine:
+            if cost([i]) > max_tokens:
+                raise ValueError(f"train.max_tokens_per_micro_batch={max_tokens} is smaller than "
+                                 f"one sequence of the batch: {lengths[i]} tokens ({cost([i])} "
+                                 f"positions packed); raise the budget to at least {cost([i])}")
+            if parts and cost(parts[-1] + [i]) <= max_tokens:
+                parts[-1].append(i)
+            else:
+                parts.append([i])
     count = len(parts)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         agreed = torch.tensor([count])

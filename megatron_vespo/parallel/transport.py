@@ -80,15 +80,16 @@ def _broadcast(message: Optional[tuple[Tensor, Tensor]], src: int, group) -> tup
 
 class ShardScatter:
     """The groups one scatter needs, made once (collective over the world): every rank's DP index
-    and, per DP index, a gloo group of its ranks (the first of them receives from rank 0)."""
+    and, per DP index, a gloo group of its ranks (the first of them receives from rank 0).
+    `control`: a gloo group of the whole world for rank 0's sends (made here when not given)."""
 
-    def __init__(self, dp_rank: int) -> None:
+    def __init__(self, dp_rank: int, control=None) -> None:
         world = dist.get_world_size()
         indices: list[int] = [0] * world
         dist.all_gather_object(indices, dp_rank)
         self.dp_rank, self.dp_size = dp_rank, max(indices) + 1
         self.members = [[r for r in range(world) if indices[r] == d] for d in range(self.dp_size)]
-        self.control = dist.new_group(backend="gloo")
+        self.control = control if control is not None else dist.new_group(backend="gloo")
         self.peers = [dist.new_group(m, backend="gloo") for m in self.members]
         self.sent_bytes = 0  # rank 0: payload bytes sent to other DP ranks' first ranks
 
