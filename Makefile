@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench slurm-local
+.PHONY: install demo test bench slurm-local gpu-check
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -26,7 +26,12 @@ slurm-local:
 test: install slurm-local
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# On a bare CUDA machine (nothing installed from the network; see the script's header for the one
+# wheel to carry): the GPU path in one table, in minutes.
+gpu-check:
+	python3 benchmarks/gpu_check.py
+
 bench: install
 	for script in benchmarks/*.py; do \
-		case $$(basename $$script) in common.py|step_timing.py) ;; *) $(PY) $$script || exit 1;; esac; \
+		case $$(basename $$script) in common.py|step_timing.py|gpu_check.py) ;; *) $(PY) $$script || exit 1;; esac; \
 	done

@@ -62,3 +62,11 @@ def test_data_plane_small():
         assert re.search(rf"^{re.escape(row)}\s", out, re.M), out
     assert re.search(r"^RESULT current / former per token: \d+x faster .*: (PASS|FAIL); peak RSS .*"
                      r": (PASS|FAIL); rank 0 holds", out, re.M), out
+
+
+def test_gpu_check_dry_run():
+    """The GPU check's plan on a machine without a GPU: every section reports what it would run."""
+    out = run_script("gpu_check.py", "--dry-run", timeout=300)
+    for section in ("gpu tests", "loss path", "log-prob memory", "MoE train step", "NCCL bucket"):
+        assert re.search(rf"^{re.escape(section)}\s+skip\s+.*dry run: would ", out, re.M), out
+    assert "dry run: would run the 2 gpu-marked tests" in out, out

@@ -5,7 +5,7 @@ and non-finite counts (all detached) and the sum of log pi over response tokens 
 `forward_sums` computes all four in one read of (log pi, log mu, mask); the gradient of the log pi
 sums is one write (`expand`). Everything after that works on [S] tensors.
 
-Two implementations of the same contract:
+Three implementations of the same contract:
 - CPU: numba loops over sequences (positions of a sequence are contiguous, so each sequence is one
   independent range and no two threads write the same output). One pass instead of the ~10
   elementwise and segment passes eager PyTorch would make, so the loss path runs at memory
@@ -14,8 +14,10 @@ Two implementations of the same contract:
   GIL). Plain waiting threads, unlike numba's own parallel pool or OpenMP, do not spin after the
   loop and so leave the cores to the PyTorch ops that follow. Compiled on first use and cached next
   to this file (or in numba's user cache); the sums accumulate in float64.
-- Other devices: eager PyTorch (one segment reduction of stacked columns), the reference the CPU
-  kernel is tested against.
+- CUDA: Triton kernels (`segment_triton`: one program per sequence, the same one read and one
+  write), tested on CPU under Triton's interpreter.
+- Other devices (or CUDA without Triton): eager PyTorch (one segment reduction of stacked
+  columns), the reference both kernels are tested against.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numba
 import torch
 from torch import Tensor
 
+from . import segment_triton
 from .kernel import LOG_RATIO_CLAMP
 
 
@@ -46,6 +49,8 @@ def forward_sums(logp: Tensor, behaviour_logp: Tensor, mask: Tensor,
     """
     if logp.device.type == "cpu":
         return _cpu_forward(logp, behaviour_logp, mask, seq_lengths)
+    if logp.device.type == "cuda" and segment_triton.available():
+        return segment_triton.forward_sums(logp, behaviour_logp, mask, seq_lengths)
     return _torch_forward(logp, behaviour_logp, mask, seq_lengths)
 
 
@@ -53,6 +58,8 @@ def expand(grad: Tensor, mask: Tensor, seq_lengths: Tensor) -> Tensor:
     """[T] float32: grad[s] on every response token of sequence s, 0 elsewhere (grad: [S])."""
     if grad.device.type == "cpu":
         return _cpu_expand(grad, mask, seq_lengths)
+    if grad.device.type == "cuda" and segment_triton.available():
+        return segment_triton.expand(grad, mask, seq_lengths)
     return _torch_expand(grad, mask, seq_lengths)
 
 
