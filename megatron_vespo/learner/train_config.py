@@ -22,7 +22,7 @@ class TrainConfig:
     max_tokens_per_micro_batch: Optional[int] = None
     old_logprobs: str = "recompute"  # recompute once per rollout batch, or trust the engine's
     epochs: int = 1  # passes over an offline rollout file
-    max_steps: int = 0  # stop at the first rollout-batch boundary at or past this step; 0: no limit
+    max_steps: int = 0  # stop after this step (inside a rollout batch too); 0: no limit
     seed: int = 1234
     logprob_chunk_tokens: int = 1024
     output_dir: str = "runs/default"
