@@ -13,7 +13,9 @@ also returning routed experts) and scores the phase-0 sequences teacher-forced; 
 its own log-probs of the same tokens (`recompute_old_logprobs`, routes captured with
 `RouterCapture`). The tests below assert on what that run recorded.
 
-Servers use ports 33000-33999; learner process groups and the update group take free ports.
+Servers use ports 31000-31999, below the kernel's ephemeral range (32768-60999), where an outgoing
+connection of another process can take a port between the check and the bind; learner process groups
+and the update group take free ports.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ def _scenario(rank, name, model_dir, urls, export_dir):
 
 def _free_server_ports(count):
     ports = []
-    for port in range(33000, 34000):
+    for port in range(31000, 32000):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -223,7 +225,7 @@ def _free_server_ports(count):
         ports.append(port)
         if len(ports) == count:
             return ports
-    raise RuntimeError("no free ports in 33000-33999")
+    raise RuntimeError("no free ports in 31000-31999")
 
 
 @pytest.fixture(scope="module")
