@@ -42,10 +42,12 @@ def _binary(name: str) -> str:
 class LocalSlurmCluster:
     """Start with `start()` (or `with`), submit with `env` (it carries SLURM_CONF), stop with `stop()`.
 
-    Ports: slurmctld on `port_base`, node k's slurmd on `port_base + k`.
+    Ports: slurmctld on `port_base`, node k's slurmd on `port_base + k`. The tests keep every fixed
+    port below the kernel's ephemeral range (32768-60999), where another process's outgoing
+    connection can take a port between its check and the bind.
     """
 
-    def __init__(self, root: Path, nodes: Sequence[str] = ("node1", "node2"), port_base: int = 35000):
+    def __init__(self, root: Path, nodes: Sequence[str] = ("node1", "node2"), port_base: int = 26000):
         self.root = Path(root)
         self.nodes = tuple(nodes)
         self.port_base = port_base

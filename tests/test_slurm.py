@@ -160,7 +160,7 @@ def cluster(tmp_path_factory):
 
 TINY = SlurmConfig(learner_nodes=2, gpus_per_node=0, ranks_per_node=1, cpus_per_task=1,
                    rollout_nodes=1, servers_per_node=2, cpus_per_server=1, time_limit="5",
-                   port_base=35100, port_slots=50, fleet_timeout_s=30,
+                   port_base=27100, port_slots=50, fleet_timeout_s=30,
                    env=(f"PATH={Path(sys.executable).parent}:$PATH",))
 
 
@@ -180,7 +180,7 @@ def test_learners_reach_the_fleet_through_discovered_addresses(cluster, tmp_path
     job_id, state, log = _run_job(run, (sys.executable, str(STANDINS), "serve", "--out", str(run)))
     assert state == "COMPLETED", log
     ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
-    first_port = 35100 + int(job_id) % 50 * 16
+    first_port = 27100 + int(job_id) % 50 * 16
     # torchrun: one agent per learner node, node rank = the node's index, one rendezvous.
     assert [r["env"]["GROUP_RANK"] for r in ranks] == ["0", "1"]
     assert [r["env"]["WORLD_SIZE"] for r in ranks] == ["2", "2"]
@@ -218,7 +218,7 @@ def test_real_job_trains_tiny_moe_and_logs_to_mlflow(cluster, tmp_path):
     repo = Path(__file__).resolve().parent.parent
     overrides = ["slurm.gpus_per_node=0", "slurm.ranks_per_node=1", "slurm.cpus_per_task=1",
                  "slurm.learner_nodes=1", "slurm.rollout_nodes=1", "slurm.servers_per_node=1",
-                 "slurm.cpus_per_server=1", "slurm.time_limit=00:15:00", "slurm.port_base=35300",
+                 "slurm.cpus_per_server=1", "slurm.time_limit=00:15:00", "slurm.port_base=28000",
                  "slurm.port_slots=40", "slurm.fleet_timeout_s=600",
                  f"slurm.env=[PATH={Path(sys.executable).parent}:$PATH]",
                  "train.max_steps=2", "train.rollout_batch_size=16", "train.micro_batch_size=4",
