@@ -52,11 +52,12 @@ def build_model(directory: Path) -> None:
 
 def main() -> int:
     args = parse_args()
-    from megatron_vespo.rollout.client import PromptRequest, RolloutClient, SamplingOptions
+    from megatron_vespo.rollout.client import RolloutClient, SamplingOptions
+    from megatron_vespo.tasks.base import Prompt
     from megatron_vespo.rollout.fleet import Fleet, FleetConfig
     from megatron_vespo.rollout.server import ServerOptions
 
-    prompts = [PromptRequest(g, [1 + g % 100, 7, 3 + g % 11, 9]) for g in range(args.groups)]
+    prompts = [Prompt(g, [1 + g % 100, 7, 3 + g % 11, 9], {}) for g in range(args.groups)]
     sampling = SamplingOptions(max_new_tokens=args.max_new_tokens)
     # On CPU sglang sizes its KV cache from free host memory unless told otherwise.
     cfg = FleetConfig(num_servers=2, base_port=args.base_port, router_port=args.router_port,

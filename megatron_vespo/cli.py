@@ -5,6 +5,7 @@
   offline on recorded samples instead.
 - `serve CONFIG`: one node's share of a fleet (SGLang server, optionally the router), for Slurm.
 - `slurm submit CONFIG`: render the heterogeneous sbatch job from the config and submit it.
+- `tracking flush RUN_DIR`: send a run's buffered MLflow requests without a learner or a fleet.
 - `demo`: the configured kernel (phi table, mode, peak, variance-bound constant K) and what it does
   to increasingly stale batches next to naive sequence importance sampling.
 """
@@ -12,10 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,6 +29,7 @@ from .algo.metrics import sequence_metrics
 from .algo.importance import SequenceStats
 
 TABLE_W = (0.25, 0.5, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0)
+CPU_SERVER_DTYPES = ("auto", "float32", "bfloat16")  # what SGLang's CPU backend runs
 
 
 def _kernel_report(k: KernelConstants) -> list[str]:
@@ -82,40 +86,84 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def train(args: argparse.Namespace) -> int:
-    from .launch import run_ranks
+def _check_online(config) -> None:
+    """What every rank of an online run would otherwise find out after building the model."""
+    import torch
 
+    if config.task.name == "math":
+        from .tasks.prompt_data import check_prompt_file
+
+        for path in (config.task.data.path, config.task.data.eval_path):
+            if path is not None:
+                check_prompt_file(path, config.task.data)
+    server = config.rollout.fleet.server
+    if (not config.rollout.fleet.attach_router_url and not torch.cuda.is_available()
+            and server.dtype not in CPU_SERVER_DTYPES):
+        raise ValueError(f"rollout.fleet.server.dtype={server.dtype!r} needs a GPU; the servers "
+                         f"started here run on CPU: use one of {list(CPU_SERVER_DTYPES)}")
+
+
+def train(args: argparse.Namespace) -> int:
     config = _load(args)
+    if not args.rollouts:
+        _check_online(config)
     if config.train.init_hf_checkpoint:
         from .learner.hf_convert import check_hf_checkpoint
 
         # Before any rank starts or anything is written: one clear error naming the field.
         check_hf_checkpoint(config.train.init_hf_checkpoint, config.model)
     if args.rollouts:
-        from .learner.samples import read_samples
+        from .learner.sample_files import open_rollout_file
         from .offline import train_offline_rank
 
-        # Validate the whole file before any rank starts: one clear error, not N tracebacks.
-        samples = read_samples(args.rollouts, vocab_size=config.model.vocab_size,
-                               num_experts=config.model.num_experts or None)
-        if config.algorithm.routing_replay == "R3":
-            missing = [s.sample_id for s in samples if s.routed_experts is None]
-            if missing:
-                raise ValueError(f"algorithm.routing_replay=R3 replays the engine's routes, but "
-                                 f"{len(missing)} samples have no routed_experts (first: {missing[:3]})")
-        last = run_ranks(train_offline_rank, config.train.world_size, config, str(args.rollouts),
-                         args.resume)[0]
+        # Check the file before any rank starts: one clear error, not N tracebacks (a JSONL file
+        # is validated whole; a Parquet file by its schema, ids and statistics, rows as read).
+        rollouts = open_rollout_file(args.rollouts, vocab_size=config.model.vocab_size,
+                                     num_experts=config.model.num_experts or None)
+        if rollouts.num_samples < config.train.rollout_batch_size:
+            raise ValueError(f"{args.rollouts} has {rollouts.num_samples} samples, fewer than one "
+                             f"rollout batch (train.rollout_batch_size="
+                             f"{config.train.rollout_batch_size})")
+        if config.algorithm.routing_replay == "R3" and rollouts.rows_without_routes:
+            raise ValueError(f"algorithm.routing_replay=R3 replays the engine's routes, but "
+                             f"{rollouts.rows_without_routes} samples of {args.rollouts} have no "
+                             f"routed_experts")
+        rank_fn, fn_args = train_offline_rank, (config, str(args.rollouts), args.resume)
     else:
         from .online import train_online_rank
 
         if config.algorithm.routing_replay == "R3" and not config.rollout.fleet.server.enable_routed_experts:
             raise ValueError("algorithm.routing_replay=R3 replays the engine's routes: set "
                              "rollout.fleet.server.enable_routed_experts=true")
-        last = run_ranks(train_online_rank, config.train.world_size, config, args.resume)[0]
+        rank_fn, fn_args = train_online_rank, (config, args.resume)
+    last = _run_locked(config, rank_fn, fn_args)
     if last:
         print(f"finished at policy version {int(last['policy_version'])}: loss {last['loss']:+.5f}, "
               f"reward {last.get('reward/mean', float('nan')):.3f}; run directory {config.train.output_dir}")
     return 0
+
+
+def _run_locked(config, rank_fn, fn_args) -> dict:
+    """Rank 0's result of `rank_fn` on every rank, the run directory locked for the run (under
+    torchrun / srun only rank 0 takes the lock)."""
+    from .launch import run_ranks
+    from .run_lock import RunDirLock
+
+    locked = int(os.environ.get("RANK", "0")) == 0
+    with RunDirLock(config.train.output_dir) if locked else contextlib.nullcontext():
+        if locked:
+            _refuse_a_used_run_dir(Path(config.train.output_dir), resume=fn_args[-1])
+        return run_ranks(rank_fn, config.train.world_size, *fn_args)[0]
+
+
+def _refuse_a_used_run_dir(run_dir: Path, resume: bool) -> None:
+    """A fresh run never writes into another run's directory (it would append to its metrics, move
+    its `latest` back and open a second MLflow run)."""
+    metrics = run_dir / "metrics.jsonl"
+    used = (run_dir / "checkpoints" / "latest").exists() or (metrics.exists() and metrics.stat().st_size)
+    if used and not resume:
+        raise ValueError(f"{run_dir} already holds a run (checkpoints or metrics.jsonl): continue it "
+                         f"with --resume, or train into another --run-dir")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -132,10 +180,32 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_paths(config) -> dict[str, Optional[str]]:
+    """The paths a config names that a job's steps read."""
+    return {"train.init_hf_checkpoint": config.train.init_hf_checkpoint,
+            "task.tokenizer_path": config.task.tokenizer_path,
+            "task.data.path": config.task.data.path, "task.data.eval_path": config.task.data.eval_path}
+
+
+def _check_job_paths(paths: dict[str, Optional[str]]) -> None:
+    """Before queueing: every path the job reads exists from this host (a shared file system), so a
+    placeholder such as /path/to/... fails now, not after hours in the queue."""
+    for key, path in paths.items():
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{key}={path!r} does not exist on this host; the job would fail after "
+                             f"queueing (pass --no-path-check if only the compute nodes see it)")
+
+
 def slurm(args: argparse.Namespace) -> int:
     from .slurm.submit import slurm_submit
 
     config = _load(args)
+    paths = _config_paths(config)
+    if not args.no_path_check:
+        _check_job_paths(paths)
+    # The container sees each named file's directory (a checkpoint directory itself).
+    mounts = [str(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent)
+              for p in paths.values() if p is not None]
     # The job reads the resolved config (overrides included), with the world size the job has.
     config = dataclasses.replace(config, train=dataclasses.replace(
         config.train, world_size=config.slurm.learner_nodes * config.slurm.nproc_per_node))
@@ -143,9 +213,29 @@ def slurm(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"
     resolved.write_text(dump_config(config))
-    script, job_id = slurm_submit(str(resolved), config.slurm, str(run_dir), dry_run=args.dry_run)
+    script, job_id = slurm_submit(str(resolved), config.slurm, str(run_dir), dry_run=args.dry_run,
+                                  mounts=mounts)
     print(f"job script {script}" + (f"; submitted job {job_id}" if job_id else " (not submitted)"))
     return 0
+
+
+def tracking_flush(args: argparse.Namespace) -> int:
+    """Send a run's buffered MLflow requests (an outage outlived the run) without a learner."""
+    from .config import build, read_yaml
+    from .tracking.mlflow_run import Tracker, TrackingConfig
+
+    run_dir = Path(args.run_dir)
+    written = run_dir / "tracking" / "config.yaml"  # the resolved config the run logged
+    if not written.exists():
+        raise ValueError(f"{run_dir} holds no tracking/config.yaml: not a run directory")
+    # Only the tracking section: the rest of an older run's config need not validate today.
+    tracking = build(TrackingConfig, (read_yaml(written) or {}).get("tracking"), "tracking")
+    tracker = Tracker(tracking, run_dir)
+    before = tracker.stats.buffered
+    left = tracker.flush(args.wait)
+    print(f"sent {before - left} tracking request(s) of {run_dir} to {tracker.uri}"
+          + (f"; {left} left in {tracker.buffer_path} (store unreachable)" if left else ""))
+    return 1 if left else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train the policy: online with the SGLang fleet, or offline")
     t.add_argument("config", help="YAML config")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    t.add_argument("--rollouts", help="train offline on this JSONL file of recorded samples "
-                                      "(see megatron_vespo/learner/samples.py) instead of the fleet")
-    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--rollouts", help="train offline on recorded samples instead of the fleet: a "
+                                      ".jsonl or .parquet file, or a directory of .parquet files "
+                                      "(see megatron_vespo/learner/sample_files.py)")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint (fresh when there is "
+                   "none); without it a directory that holds a run is refused")
     t.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
     t.set_defaults(func=train)
     s = sub.add_parser("serve", help="run this node's SGLang server (and the router) of a Slurm fleet")
@@ -181,7 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     su.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     su.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
     su.add_argument("--dry-run", action="store_true", help="write the job script, do not submit")
+    su.add_argument("--no-path-check", action="store_true",
+                    help="submit although paths the config names do not exist on this host")
     su.set_defaults(func=slurm)
+    tr = sub.add_parser("tracking", help="MLflow tracking of a run")
+    trsub = tr.add_subparsers(dest="tracking_command", required=True)
+    fl = trsub.add_parser("flush", help="send a run's buffered tracking requests (no learner, no fleet)")
+    fl.add_argument("run_dir", help="the run directory")
+    fl.add_argument("--wait", type=float, default=10.0, help="seconds to retry an unreachable store")
+    fl.set_defaults(func=tracking_flush)
     # KEY=VALUE overrides may follow options (`train CFG --resume train.max_steps=6`), which plain
     # argparse does not allow for a positional list: collect the stragglers here.
     args, extra = parser.parse_known_args(argv)

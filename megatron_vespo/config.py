@@ -109,6 +109,11 @@ class Config:
         if self.train.world_size % (self.parallel.tp * self.parallel.pp * self.parallel.cp):
             raise ValueError(f"train.world_size ({self.train.world_size}) must be divisible by "
                              f"parallel tp*pp*cp ({self.parallel.tp * self.parallel.pp * self.parallel.cp})")
+        model, tp = self.model, self.parallel.tp
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            if getattr(model, name) % tp:
+                raise ValueError(f"parallel.tp ({tp}) must divide model.{name} "
+                                 f"({getattr(model, name)}): each TP rank holds whole heads")
         dp = self.parallel.dp(self.train.world_size)
         if self.train.mini_batch_size < dp:
             raise ValueError(f"train: a mini-batch of {self.train.mini_batch_size} samples "
@@ -153,6 +158,15 @@ class Config:
         if self.algorithm.routing_replay == "R2" and self.train.old_logprobs != "recompute":
             raise ValueError("algorithm.routing_replay=R2 replays the routes of the old-policy "
                              "forward: it needs train.old_logprobs=recompute")
+        model = self.model
+        outside = [t for t in self.rollout.sampling.stop_token_ids if t >= model.vocab_size]
+        if outside:
+            raise ValueError(f"rollout.sampling.stop_token_ids: {outside} outside the vocabulary "
+                             f"[0, model.vocab_size={model.vocab_size})")
+        if self.rollout.sampling.max_new_tokens >= model.max_position_embeddings:
+            raise ValueError(f"rollout.sampling.max_new_tokens ({self.rollout.sampling.max_new_tokens}) "
+                             f"leaves no room for a prompt in model.max_position_embeddings "
+                             f"({model.max_position_embeddings})")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -228,11 +242,37 @@ def _apply_override(tree: dict, override: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}:{key_node.start_mark.line + 1}: "
+                                  f"key {key!r} given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Union[str, Path]) -> Any:
+    """A YAML file's content; a syntax error or a duplicate key is one ConfigError naming the file
+    and the line."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = ()) -> Config:
     """Load a YAML file (or the defaults when `path` is None) and apply dotted overrides."""
     tree: dict = {}
     if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for override in overrides:

@@ -8,12 +8,16 @@ the CPU shim for megatron-core when there is no GPU, and returns every rank's re
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import tempfile
+import time
 import traceback
+from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -50,7 +54,20 @@ def _shutdown() -> None:
             dist.destroy_process_group()
 
 
-def _child(rank, world_size, port, fn, args, out_dir):
+def _die_with(parent: int) -> None:
+    """SIGTERM to this rank when the launcher `parent` dies, however it dies (Linux's parent-death
+    signal): the rank stops after its current step with a checkpoint, as on Ctrl-C, and stops
+    what it started (the fleet) instead of training on unwatched."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the launcher's own cleanup is all there is
+        return
+    if os.getppid() != parent:  # it died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(rank, world_size, port, fn, args, out_dir, parent):
+    _die_with(parent)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     out = Path(out_dir) / f"rank{rank}.pt"
@@ -69,10 +86,27 @@ class RankFailure(RuntimeError):
     """One or more ranks failed; the message holds each failing rank's traceback."""
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 3600.0) -> list:
+def _wait(procs: list, deadline: Optional[float]) -> None:
+    """Until every process has exited, one has failed (the others are then stopped by the caller:
+    their collectives would wait for it forever), or `deadline` (time.monotonic) has passed."""
+    pending = list(procs)
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not wait([p.sentinel for p in pending], timeout=left):
+            return  # the deadline
+        for p in [p for p in pending if p.exitcode is not None]:
+            pending.remove(p)
+            if p.exitcode != 0:
+                return
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args,
+              timeout: Optional[float] = None) -> list:
     """`fn(rank, world_size, *args)` on every rank; returns the list of results indexed by rank.
 
-    `fn` must be importable by module path (it is pickled into spawned children).
+    `fn` must be importable by module path (it is pickled into spawned children). The launcher
+    has no time limit of its own (`timeout`, seconds for the whole run, is for tests: a hung
+    collective then fails); it returns when every rank has, and fails as soon as one rank fails.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / srun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -84,21 +118,21 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 3
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_ports(1)[0]
-        procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, out_dir))
+        procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, out_dir,
+                                                  os.getpid()))
                  for r in range(world_size)]
         for p in procs:
             p.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             try:
-                for p in procs:
-                    p.join(timeout)
+                _wait(procs, deadline)
             except KeyboardInterrupt:
                 # The ranks got the same SIGINT (one process group): they stop at their next
                 # iteration boundary with a checkpoint. Wait for that; a second Ctrl-C kills them.
                 print("[megatron-vespo] waiting for the ranks to checkpoint and stop (Ctrl-C again "
                       "to kill them)", file=sys.stderr, flush=True)
-                for p in procs:
-                    p.join(timeout)
+                _wait(procs, deadline)
         finally:
             for p in procs:
                 if p.is_alive():

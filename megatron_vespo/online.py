@@ -13,17 +13,19 @@ is the task's prompt cursor.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from .config import Config
 from .learner.hf_convert import export_model_to_hf
 from .learner.learner import Learner
-from .learner.samples import Sample
+from .learner.sample_files import recorded
+from .learner.samples import RolloutBatch
 from .rollout.client import RolloutClient
 from .rollout.fleet import Fleet
 from .rollout.source import RolloutSource
-from .rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+from .rollout.weight_sync import DiskWeightSync, DistributedWeightSync, name_version
 from .tasks import build_task, load_tokenizer
 from .trainer import broadcast_object, build_learner, train_rank
 
@@ -43,16 +45,19 @@ class FleetSource:
         if r.weight_sync == "disk":
             self.weights = DiskWeightSync(self.run_dir / "weights")
         else:
-            self.weights = DistributedWeightSync(bucket_bytes=r.weight_bucket_mb << 20)
+            self.weights = DistributedWeightSync(bucket_bytes=r.weight_bucket_mb << 20,
+                                                 master_address=r.weight_sync_address)
         self.fleet: Optional[Fleet] = None
         self.rollout: Optional[RolloutSource] = None
         self.task = None
         self._task_state: Optional[dict] = None
         self._since_sync = 0
+        self._version = 0  # the policy version the next rollout batch starts at
         self.urls: list[str] = []
 
     def start(self, learner: Learner) -> None:
         config, r, cfg = self.config, self.config.rollout, self.config.train
+        self._version = learner.policy_version
         # The fleet starts from an HF directory: the initial checkpoint, or this learner's weights.
         model_path = cfg.init_hf_checkpoint
         chunks = [c.module for c in learner.chunks]
@@ -80,6 +85,8 @@ class FleetSource:
         if r.fleet.attach_router_url or r.weight_sync == "distributed":
             # Attached servers run whatever they started with; the distributed path names its version.
             self._sync(learner)
+        elif self.rank == 0:  # launched from this learner's weights: name them before any request
+            name_version(self.urls, learner.policy_version)
         if self.rollout is not None and not self.sync_mode:
             self.rollout.start(learner.policy_version)
 
@@ -87,14 +94,21 @@ class FleetSource:
         self.weights.sync([c.module for c in learner.chunks], self.config.model,
                           self.config.parallel, self.urls, learner.policy_version)
 
-    def next_batch(self) -> Optional[tuple[list[Sample], dict]]:
+    def next_batch(self) -> Optional[RolloutBatch]:
+        r = self.config.rollout
         if self.sync_mode:
-            r = self.config.rollout
-            return self.rollout.rollout_batch(self.config.train.rollout_batch_size
-                                              // r.n_samples_per_prompt)
-        return self.rollout.take()
+            batch = self.rollout.rollout_batch(self.config.train.rollout_batch_size
+                                               // r.n_samples_per_prompt)
+        else:
+            batch = self.rollout.take()
+        if r.record:
+            path = self.run_dir / "rollouts" / f"v{self._version:08d}.parquet"
+            batch = replace(batch, groups=recorded(batch.groups, path,
+                                                   self.config.model.num_experts or None))
+        return batch
 
     def after_batch(self, learner: Learner) -> None:
+        self._version = learner.policy_version
         if self.rollout is not None and not self.sync_mode:
             self.rollout.advance()
         self._since_sync += self.steps_per_batch

@@ -1,10 +1,11 @@
 """The one trainer loop, for every source of samples: a recorded file (`offline.FileSource`), the
 synchronous fleet and the fully asynchronous fleet (`online.FleetSource`).
 
-Every learner rank runs `train_rank`. Rank 0 takes each rollout batch from the source, splits it
-over the DP ranks (whole prompt groups, balanced by response tokens, advantages over the batch) and
-sends each DP rank only its share, as columns of bytes (`parallel.transport`: to the DP rank's
-first rank, which passes it to its TP / CP / PP peers); every rank prepares its share
+Every learner rank runs `train_rank`. Rank 0 takes each rollout batch from the source and streams
+its prompt groups, as they arrive, to the DP ranks that train them (whole groups, balanced by
+response tokens, advantages over each group), as columns of bytes (`parallel.transport`: to the DP
+rank's first rank, which passes them to its TP / CP / PP peers), so no rank holds more than its own
+share of the batch plus one group in transit; every rank prepares its share
 (`rollout_batch`: its micro-batches, the old log-probs recomputed once) and trains the batch's steps; the source then
 does what follows a batch (a weight sync to the fleet when due). Evaluation (when the source has
 one) every `train.eval_interval` steps; checkpoints every `train.save_interval` steps, also inside
@@ -30,12 +31,12 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .learner.checkpoint import load_checkpoint, save_checkpoint
+from .learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .learner.learner import Learner
-from .learner.samples import Sample, columns_to_samples, samples_to_columns
-from .parallel.transport import ShardScatter
-from .rollout_batch import (PreparedBatch, RankShare, kernel_state, mini_batches,
-                            prepare_rollout_batch, restore_kernel, share_rollout_batch,
+from .parallel.transport import ShardStream
+from .learner.samples import RolloutBatch
+from .rollout_batch import (BatchTally, PreparedBatch, RankShare, kernel_state,
+                            prepare_rollout_batch, restore_kernel, stream_groups,
                             train_prepared_step)
 from .tracking.sinks import RunSinks
 
@@ -72,8 +73,9 @@ class SampleSource(Protocol):
     def start(self, learner: Learner) -> None:
         """Collective: ready to hand out batches for the learner's current weights."""
 
-    def next_batch(self) -> Optional[tuple[list[Sample], dict]]:
-        """Rank 0: the next rollout batch and its rollout metrics, or None when there is none."""
+    def next_batch(self) -> Optional[RolloutBatch]:
+        """Rank 0: the next rollout batch (its groups streamed as they come), or None when there
+        is none."""
 
     def after_batch(self, learner: Learner) -> None:
         """Collective: the learners trained a batch (weights to the fleet when due)."""
@@ -158,23 +160,37 @@ class RolloutBank:
                 path.unlink(missing_ok=True)
 
 
-def _batch_head(got: tuple[list[Sample], dict]) -> dict:
-    """What every rank needs of a whole rollout batch besides its share: a few scalars."""
-    batch, rollout_metrics = got
-    return {"rollout": rollout_metrics, "reward": sum(s.reward for s in batch) / len(batch),
-            "behaviour_version": sum(s.policy_version for s in batch) / len(batch)}
+def _receive_batch(stream: ShardStream, got: Optional[RolloutBatch], config: Config,
+                   staleness: int, control) -> tuple[RankShare, dict]:
+    """This rank's share of the batch that rank 0 streams from its source (`got`; None on the
+    other ranks), and the batch's head: its few scalars, plus on rank 0 the ids trained per step.
+    A failure on rank 0 while streaming (a dead fleet, a bad file) still ends the stream, and
+    every rank raises it."""
+    tally, error = None, None
 
+    def messages():
+        nonlocal error
+        try:
+            yield from stream_groups(got, tally, config.algorithm.advantage)
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank has it
+            error = e
 
-def _receive_share(scatter: ShardScatter, got, config: Config, staleness: int) -> RankShare:
-    """This rank's share of the batch rank 0 holds (`got`; None elsewhere), moved as columns.
-    Rank 0 packs one DP rank's columns at a time, so its transit is one share."""
-    shards = None
     if got is not None:
-        shares = share_rollout_batch(got[0], staleness, scatter.dp_size, config.algorithm.advantage)
-        shards = (samples_to_columns(s.samples, advantages=s.advantages, steps=s.steps)
-                  for s in shares)
-    columns = scatter.scatter(shards)
-    return RankShare(columns_to_samples(columns), columns["advantages"], columns["steps"])
+        tally = BatchTally(got.size, staleness, stream.dp_size)
+    share = RankShare.from_messages(stream.stream(messages() if got is not None else None))
+    head = None
+    if got is not None:
+        try:
+            head = tally.head(got.metrics()) if error is None \
+                else {"error": f"{type(error).__name__}: {error}"}
+        except ValueError as e:
+            error, head = e, {"error": f"{type(e).__name__}: {e}"}
+    head = broadcast_object(head, control)
+    if "error" in head:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 failed while streaming the rollout batch: {head['error']}")
+    return share, {**head, "sample_ids": tally.sample_ids if tally is not None else None}
 
 
 def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource,
@@ -186,9 +202,14 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
     control = dist.new_group(backend="gloo")  # object broadcasts and flags, on CPU even with NCCL
     stop = StopRequest()
     cursor = (load_checkpoint(learner, ckpt_root) if resume else None) or {}
+    if rank == 0 and resume:
+        print(f"[megatron-vespo] resumed at step {learner.policy_version} from "
+              f"{latest_checkpoint(ckpt_root)}" if cursor else
+              f"[megatron-vespo] --resume: no checkpoint in {ckpt_root}; starting fresh",
+              file=sys.stderr, flush=True)
     restore_kernel(learner, cursor.get("kernel"))
     bank = RolloutBank(run_dir / "rollout_bank", rank)
-    scatter = ShardScatter(learner.groups.dp_rank, control)
+    stream = ShardStream(learner.groups.dp_rank, control)
     banked = cursor.get("bank")
     resumed = None  # (prepared batch, its key, rank 0's info, the step to continue at)
     if banked:
@@ -204,7 +225,7 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
     def checkpoint(bank_cursor: Optional[dict] = None) -> None:
         state = broadcast_object(source.state_dict() if rank == 0 else None, control)
         save_checkpoint(learner, ckpt_root, {"source": state, "kernel": kernel_state(learner),
-                                             "bank": bank_cursor})
+                                             "bank": bank_cursor}, keep=cfg.keep_checkpoints)
         bank.prune(keep=bank_cursor["key"] if bank_cursor else None)
 
     def done() -> bool:
@@ -222,18 +243,14 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
                 resumed = None
             else:
                 got = source.next_batch() if rank == 0 else None
-                # Everyone learns whether there is a batch, and its few scalars; each rank then
-                # receives only its own share of it, as bytes (`parallel.transport`).
-                head = broadcast_object(None if got is None else _batch_head(got), control)
-                if head is None:
+                # Everyone learns whether there is a batch; each rank then receives only its own
+                # share of it as the groups stream in, as bytes (`parallel.transport`).
+                if not broadcast_object(got is not None, control):
                     break
                 key, first = learner.policy_version, 0
-                share = _receive_share(scatter, got, config, source.steps_per_batch)
+                share, info = _receive_batch(stream, got, config, source.steps_per_batch, control)
                 prepared = prepare_rollout_batch(learner, config, share, source.steps_per_batch,
-                                                 head["reward"])
-                info = {**head, "sample_ids": None if got is None else [
-                    [s.sample_id for s in mini]
-                    for mini in mini_batches(got[0], source.steps_per_batch)]}
+                                                 info["reward"])
             in_bank = first > 0
             halted = None  # the run's status when it ends inside this batch
             for k in range(first, prepared.num_steps):

@@ -7,7 +7,10 @@ every step logged during the outage must arrive, in order, exactly once, and no 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from megatron_vespo.tracking.mlflow_run import (NullTracker, Tracker, TrackingCo
                                                 metric_key, start_tracker, MAX_PARAM_VALUE_CHARS)
 from megatron_vespo.tracking.outbox import Outbox
 # server, shm_dir: pytest fixtures
-from tests.mlflow_server import artifacts, free_port, server, shm_dir  # noqa: F401
+from tests.mlflow_server import MlflowServer, artifacts, free_port, server, shm_dir  # noqa: F401
 
 # One log call during an outage: a refused connection, no MLflow retries.
 MAX_CALL_S_DURING_OUTAGE = 5.0
@@ -178,8 +181,9 @@ def test_default_store_is_a_local_sqlite_file(shm_dir):
 
 
 def test_unreachable_store_never_raises_and_keeps_everything_on_disk(shm_dir):
-    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", request_timeout_s=1)
-    tracker = Tracker.start(cfg, shm_dir, Config())
+    port = free_port()
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{port}", request_timeout_s=1)
+    tracker = Tracker.start(cfg, shm_dir, dataclasses.replace(Config(), tracking=cfg))
     tracker.log_metrics(1, {"loss": 1.0, "inf": float("inf"), "odd name#": 2.0, "text": "n/a"})
     t0 = time.monotonic()
     tracker.close(wait_s=1.0)
@@ -191,6 +195,23 @@ def test_unreachable_store_never_raises_and_keeps_everything_on_disk(shm_dir):
     assert kinds == ["start", "params", "artifact", "artifact", "metrics", "end"]
     metrics = Outbox(shm_dir / "mlflow_buffer")._records[4]
     assert metrics["values"]["odd name_"] == 2.0 and metrics["values"]["inf"] == float("inf")
+    # The store comes back after the run: `megatron-vespo tracking flush` sends it all, no learner.
+    down = subprocess.run([sys.executable, "-m", "megatron_vespo.cli", "tracking", "flush",
+                           str(shm_dir), "--wait", "0"], capture_output=True, text=True)
+    assert down.returncode == 1 and "6 left in" in down.stdout, down.stdout + down.stderr
+    store = MlflowServer(shm_dir / "store", port)
+    (shm_dir / "store").mkdir()
+    store.start()
+    try:
+        sent = subprocess.run([sys.executable, "-m", "megatron_vespo.cli", "tracking", "flush",
+                               str(shm_dir)], capture_output=True, text=True)
+        assert sent.returncode == 0 and "sent 6 tracking request(s)" in sent.stdout, sent.stderr
+        run_id = json.loads((shm_dir / "mlflow_run.json").read_text())["run_id"]
+        run = _client(cfg.uri).get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 1.0
+        assert not (shm_dir / "mlflow_buffer" / "pending.jsonl").exists()
+    finally:
+        store.stop()
 
 
 def test_outbox_keeps_private_artifact_copies_across_restarts(tmp_path):

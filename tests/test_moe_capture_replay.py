@@ -12,7 +12,7 @@ import torch
 
 from megatron_vespo.learner.samples import read_samples, write_samples
 from megatron_vespo.moe.replay import (align_to_router_order, micro_batch_engine_routes,
-                                       rank_engine_routes, router_order_to_positions)
+                                       attach_engine_routes, router_order_to_positions)
 from megatron_vespo.parallel.packing import cp_shard, cp_unshard, split_evenly, zigzag_index
 from tests.distributed import run_ranks
 from tests.test_learner import MOE, full_state, make_samples, micro_batches
@@ -102,10 +102,10 @@ def test_missing_or_malformed_engine_routes_name_the_sample():
     samples[2] = replace(samples[2], routed_experts=None)
     batches = [pack(samples[:2], 1, True), pack(samples[2:], 1, True)]
     with pytest.raises(ValueError, match="sample 's2' has no routed_experts"):
-        rank_engine_routes(samples, batches, plan(samples, 2))
+        attach_engine_routes(samples, batches, plan(samples, 2))
     samples[2] = replace(samples[2], routed_experts=[[[0, 1]]])
     with pytest.raises(ValueError, match="sample 's2': routed_experts has shape"):
-        rank_engine_routes(samples, batches, plan(samples, 2))
+        attach_engine_routes(samples, batches, plan(samples, 2))
 
 
 # -- on a model (spawned gloo ranks) ----------------------------------------------------------------
@@ -200,7 +200,7 @@ def single_rank(rank, world_size, state, samples, path):
     r2 = build(state, "R2")
     old = r2.recompute_old_logprobs(batches)
     res["r2_old_equal"] = all(torch.equal(a.old_logp, b.old_logp) for a, b in zip(plain, old))
-    recorded = [r2.routing_replay.recorded(b)[0] for b in old]
+    recorded = [[t.long() for t in b.old_routes[0]] for b in old]  # carried by the batches
     res["r2_record_is_free_routing"] = mismatches(cap0, recorded)
     r2_steps = [r2.train_step(old, denom)]
     with RouterCapture(r2.chunks) as cap2:
@@ -222,9 +222,11 @@ def single_rank(rank, world_size, state, samples, path):
     # 5. R3 from the recorded sample file.
     engine = read_samples(path)
     r3 = build(state, "R3")
-    routes = rank_engine_routes(engine, batches, plan(engine, 8))
+    routed = attach_engine_routes(engine, batches, plan(engine, 8))
+    routes = [b.engine_routes for b in routed]
+    assert routes[0].dtype == torch.int16  # compact through the N steps
     with RouterCapture(r3.chunks) as cap4:
-        old3 = r3.recompute_old_logprobs(batches, routes)
+        old3 = r3.recompute_old_logprobs(routed)
     res["r3_old_max_diff"] = max(float((a.old_logp - b.old_logp).abs().max())
                                  for a, b in zip(plain, old3))
     # Positions without engine routes (last token, padding) replay experts 0..k-1: not compared.
@@ -234,16 +236,16 @@ def single_rank(rank, world_size, state, samples, path):
     res["r3_old_mismatch"] = mismatches(cap4, before, masks)
     res["r3_old_mismatch_unrouted"] = mismatches(cap4, before)
     res["r3_seq_logp"] = seq_logp(old3)
-    r3.train_step(old3, denom, routes)
+    r3.train_step(old3, denom)  # the batches carry their engine routes through the steps
     with RouterCapture(r3.chunks) as cap5:
-        r3.train_step(old3, denom, routes)
+        r3.train_step(old3, denom)
     res["r3_train_mismatch"] = mismatches(cap5, before, masks)
-    shuffled = rank_engine_routes(with_routes(samples, seed=5), batches, plan(samples, 8))
-    other = build(state, "R3").recompute_old_logprobs(batches, shuffled)
+    shuffled = attach_engine_routes(with_routes(samples, seed=5), batches, plan(samples, 8))
+    other = build(state, "R3").recompute_old_logprobs(shuffled)
     res["r3_random_routes_diff"] = max(float((a.old_logp - b.old_logp).abs().max())
                                        for a, b in zip(plain, other))
     try:
-        r3.train_step(old3, denom)
+        r3.train_step([replace(b, engine_routes=None) for b in old3], denom)
         res["r3_no_routes_error"] = None
     except ValueError as e:
         res["r3_no_routes_error"] = str(e)
@@ -323,9 +325,10 @@ def tp_sp_rank(rank, world_size, state, path):
     engine = read_samples(path)
     learner = build(state, "R3", {"tp": 2, "sequence_parallel": True})
     batches = micro_batches(learner, engine, 2)
-    routes = rank_engine_routes(engine, batches, plan(engine, 8))
+    routed = attach_engine_routes(engine, batches, plan(engine, 8))
+    routes = [b.engine_routes.long() for b in routed]
     with RouterCapture(learner.chunks) as cap:
-        old = learner.recompute_old_logprobs(batches, routes)
+        old = learner.recompute_old_logprobs(routed)
     mismatch = 0
     for mb, (batch, r) in enumerate(zip(batches, routes)):
         kw = dict(rows=batch.num_seqs, tp_size=2, tp_rank=rank, sequence_parallel=True)

@@ -88,6 +88,9 @@ def test_sync_training_then_resume(tmp_path, server):
     _train(config, run_dir, "--resume", "train.max_steps=6")
     steps = [r for r in _metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    # The relaunched server serves the resumed weights as version 4, not SGLang's "default" (0),
+    # so the first batch after the resume is not logged as 4 versions stale.
+    assert [r["staleness/sample_lag_mean"] for r in steps[4:]] == [0, 1]
     client, resumed = _mlflow_run(run_dir, server.url)
     assert resumed.info.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
@@ -97,7 +100,7 @@ def test_async_distributed_weights_with_r3(tmp_path):
     config = _config(
         tmp_path,
         train={"staleness": 1, "rollout_batch_size": 8, "world_size": 2, "save_interval": 0},
-        rollout={"mode": "async", "max_staleness": 1, "weight_sync": "distributed",
+        rollout={"mode": "async", "max_staleness": 1, "weight_sync": "distributed", "record": True,
                  "fleet": {"num_servers": 1, "server": {"enable_routed_experts": True}}},
         algorithm={"routing_replay": "R3", "correct_mismatch": True})
     run_dir = tmp_path / "run"
@@ -110,18 +113,34 @@ def test_async_distributed_weights_with_r3(tmp_path):
         assert r["staleness/sample_lag_mean"] <= 1
         assert r["mismatch/k3_kl"] >= 0  # W is taken against the engine's log-probs
     assert (run_dir / "checkpoints").is_dir()
+    # rollout.record: every trained sample, engine routes included, replayable from Parquet
+    from megatron_vespo.learner.sample_files import open_rollout_file
+
+    recorded = open_rollout_file(run_dir / "rollouts", num_experts=BASE["model"]["num_experts"])
+    assert len(list((run_dir / "rollouts").glob("v*.parquet"))) == 4
+    assert recorded.num_samples == 32 and recorded.rows_without_routes == 0
+    consumed = [i for line in (run_dir / "samples_consumed.jsonl").read_text().splitlines()
+                for i in json.loads(line)["sample_ids"]]
+    assert sorted(s.sample_id for s in recorded.samples(0, 32)) == sorted(consumed)
 
 
-def test_ctrl_c_stops_with_a_resumable_checkpoint(tmp_path):
-    config, run_dir = _config(tmp_path, train={"max_steps": 200, "save_interval": 0}), tmp_path / "run"
+def _start(config: Path, run_dir: Path, steps: int) -> tuple[subprocess.Popen, list[str]]:
+    """`train` in its own process group, returned once it has logged `steps` steps."""
     cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(config), "--run-dir", str(run_dir)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    while time.monotonic() < deadline and not (metrics.exists()
+                                               and metrics.read_text().count("\n") >= steps):
         assert proc.poll() is None, proc.stderr.read()[-4000:]
         time.sleep(1)
+    return proc, cmd
+
+
+def test_ctrl_c_stops_with_a_resumable_checkpoint(tmp_path):
+    config, run_dir = _config(tmp_path, train={"max_steps": 200, "save_interval": 0}), tmp_path / "run"
+    proc, _ = _start(config, run_dir, 2)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
@@ -137,6 +156,29 @@ def test_ctrl_c_stops_with_a_resumable_checkpoint(tmp_path):
     assert steps == list(range(1, last + 3)), steps
     _, resumed = _mlflow_run(run_dir)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+
+
+def test_kill_9_of_the_launcher_leaves_no_process_and_the_run_resumes(tmp_path):
+    """The launcher SIGKILLed mid-run: its ranks (parent-death signal) stop with a checkpoint and
+    the SGLang server and router they started (a watchdog per service) are gone within 30 s; a
+    second trainer into the live run directory is refused by name; `--resume` takes the run over."""
+    import psutil
+
+    config, run_dir = _config(tmp_path, train={"max_steps": 200, "save_interval": 1,
+                                                "eval_interval": 0}), tmp_path / "run"
+    proc, cmd = _start(config, run_dir, 1)
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and f"pid {proc.pid} on " in second.stderr, second.stderr[-2000:]
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert len(family) >= 4, family  # the rank, the server (and its workers), the router, watchdogs
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [(p.pid, p.cmdline()[:3]) for p in alive]
+    last = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    resumed = _train(config, run_dir, "--resume", f"train.max_steps={last + 1}")
+    assert "is gone; taking the run over" in resumed.stderr
+    assert max(r["step"] for r in _metrics(run_dir) if "loss" in r) == last + 1
 
 
 def test_two_runs_with_one_seed_train_alike(tmp_path):

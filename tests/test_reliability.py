@@ -102,8 +102,8 @@ def test_sigkilled_learner_resumes_from_its_checkpoint_like_an_uninterrupted_run
     `--resume` restarts at the last checkpoint, inside the batch (its prepared micro-batches and old
     log-probs come back from the rollout bank, nothing is regenerated or recomputed), and from there
     every step's loss and grad norm equal the uninterrupted run's, on the same sample ids. Steps
-    between the checkpoint and the kill are legitimately trained again; counting only the run that
-    survives, every sample of the file is trained exactly once."""
+    between the checkpoint and the kill are trained again and replace their first records: the
+    run's history holds every step once (before: twice), and every sample of the file once."""
     rollouts = tmp_path / "rollouts.jsonl"
     samples = make_samples(n=4 * STEPS, vocab=VOCAB)
     write_samples(rollouts, samples)
@@ -122,10 +122,11 @@ def test_sigkilled_learner_resumes_from_its_checkpoint_like_an_uninterrupted_run
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
 
+    assert f"resumed at step {checkpoint} from {crashed / 'checkpoints'}" in resumed.stderr
     want = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
     crashed_rows = read_metrics(crashed / "metrics.jsonl")
-    after = [r for r in crashed_rows if r["step"] > checkpoint][-(STEPS - checkpoint):]
-    assert [r["step"] for r in after] == list(range(checkpoint + 1, STEPS + 1))
+    assert [r["step"] for r in crashed_rows] == list(range(1, STEPS + 1))  # one history
+    after = [r for r in crashed_rows if r["step"] > checkpoint]
     loss_diff = max(abs(r["loss"] - want[r["step"]]["loss"]) for r in after)
     grad_diff = max(abs(r["grad_norm"] - want[r["step"]]["grad_norm"]) for r in after)
     print(f"resumed at step {checkpoint + 1} (killed after {len(before_kill)} steps): "
@@ -133,8 +134,9 @@ def test_sigkilled_learner_resumes_from_its_checkpoint_like_an_uninterrupted_run
     assert loss_diff <= 1e-6 and grad_diff <= 1e-6
 
     want_ids = {r["step"]: r["sample_ids"] for r in read_consumed(reference)}
-    survivor = {r["step"]: r["sample_ids"] for r in before_kill if r["step"] <= checkpoint}
-    survivor.update({r["step"]: r["sample_ids"] for r in read_consumed(crashed)[len(before_kill):]})
+    consumed = read_consumed(crashed)
+    assert [r["step"] for r in consumed] == list(range(1, STEPS + 1))
+    survivor = {r["step"]: r["sample_ids"] for r in consumed}
     assert survivor == want_ids
     trained = Counter(i for ids in survivor.values() for i in ids)
     assert trained == Counter(s.sample_id for s in samples)  # each exactly once, none skipped
@@ -149,16 +151,23 @@ def nonfinite_body(rank, world_size, cases, bad, clean):
     """Per case (config overrides): one rollout batch with bad engine log-probs, then a clean one;
     each step's metrics and whether every parameter is still finite afterwards."""
     from megatron_vespo.config import load_config
+    from megatron_vespo.learner.batching import sample_advantages
+    from megatron_vespo.rollout_batch import RankShare, prepare_rollout_batch, train_prepared_step
     from megatron_vespo.trainer import build_learner
-    from megatron_vespo.rollout_batch import train_rollout_batch
+
+    def train_batch(learner, config, batch, staleness):  # one rank holds the whole batch
+        share = RankShare(list(batch), sample_advantages(batch, config.algorithm.advantage),
+                          torch.arange(len(batch)) // (len(batch) // staleness))
+        prepared = prepare_rollout_batch(learner, config, share, staleness,
+                                         sum(s.reward for s in batch) / len(batch))
+        return [train_prepared_step(learner, config, prepared, k) for k in range(staleness)]
 
     out = {}
     for name, overrides in cases.items():
         config = load_config(CONFIG, ["train.rollout_batch_size=8", "train.staleness=2",
                                       "train.micro_batch_size=2", *overrides])
         learner = build_learner(config)
-        steps = [*train_rollout_batch(learner, config, bad, 2),
-                 *train_rollout_batch(learner, config, clean, 2)]
+        steps = [*train_batch(learner, config, bad, 2), *train_batch(learner, config, clean, 2)]
         finite = all(bool(torch.isfinite(p).all()) for c in learner.chunks for p in c.parameters())
         out[name] = {"steps": steps, "params_finite": finite,
                      "policy_version": learner.policy_version}
@@ -211,6 +220,52 @@ def test_bad_config_through_the_cli_names_the_key_and_writes_nothing(tmp_path, c
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # offline (a rollout file)
+    (["train.world_size=4", "parallel.tp=4"], "parallel.tp (4) must divide model.num_key_value_heads (2)"),
+    (["rollout.sampling.stop_token_ids=[5, 999]"],
+     "stop_token_ids: [999] outside the vocabulary [0, model.vocab_size=64)"),
+    (["rollout.sampling.max_new_tokens=100000"], "leaves no room for a prompt"),
+    (["tracking.uri=ftp://x"], "MLflow cannot track to ftp://"),
+    (["train.rollout_batch_size=16"], "has 8 samples, fewer than one rollout batch"),
+    (["train.output_dir={tmp}/file/run", "train.rollout_batch_size=8", "train.staleness=1"],
+     "cannot be written: Not a directory"),
+    # online: the fleet and the task are checked before any rank or server starts
+    (["--online", "rollout.fleet.server.dtype=fp8_e4m3"], "dtype='fp8_e4m3' needs a GPU"),
+    (["--online", "task.name=math", "task.tokenizer_path=x", "task.data.path={tmp}/none.jsonl"],
+     "none.jsonl: no such file"),
+    (["--online", "task.name=math", "task.tokenizer_path=x", "task.data.path={tmp}/q.jsonl"],
+     "q.jsonl:line 2: missing field 'prompt'"),
+])
+def test_bad_input_is_one_line_before_any_rank_starts(tmp_path, capsys, overrides, message):
+    """Each of these used to fail inside every rank after the model was built (a traceback per
+    rank, `weights/initial` left behind), or was accepted silently."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "q.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    if "--online" in overrides:
+        overrides.remove("--online")
+        code = cli.main(["train", CONFIG, f"train.output_dir={tmp_path / 'run'}", *overrides])
+    else:
+        code = run_cli(tmp_path, *overrides)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  staleness: [1\n  seed: 3\n")
+    duplicate = tmp_path / "duplicate.yaml"
+    duplicate.write_text("train:\n  staleness: 2\n  seed: 3\n  staleness: 4\n")
+    for path, message in ((broken, f"{broken}:3: not valid YAML"),
+                          (duplicate, f"{duplicate}:4: key 'staleness' given twice")):
+        assert cli.main(["train", str(path), f"train.output_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_mismatched_hf_checkpoint_is_named_before_any_rank_starts(tmp_path, capsys):
@@ -404,3 +459,35 @@ def test_packing_keeps_every_response_token_and_the_cp_split_inverts(case):
             continue
         restored = cp_unshard([getattr(s, field) for s in shards], batch.cu_seqlens_padded)
         assert same_bits(restored, getattr(batch, field)), field
+
+
+# --- the local launcher: no time limit of its own, fails fast -------------------------------------
+
+def one_rank_fails(rank, world_size):
+    if rank == 1:
+        raise RuntimeError("rank 1 gives up")
+    time.sleep(600)  # rank 0 would wait for rank 1 in its next collective, forever
+
+
+def test_the_launcher_fails_as_soon_as_one_rank_fails():
+    """Before: the launcher joined rank 0 first with a one-hour timeout (world_size hours in all),
+    then SIGKILLed whatever still ran. Now it returns when a rank fails, and stops the rest."""
+    from megatron_vespo.launch import RankFailure, run_ranks as launch
+
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match="rank 1 gives up"):
+        launch(one_rank_fails, 2)  # no timeout: the product's own call
+    assert time.monotonic() - start < 120
+
+
+def test_a_run_directory_has_one_trainer_and_a_dead_holder_is_taken_over(tmp_path, capsys):
+    from megatron_vespo.run_lock import RunDirInUse, RunDirLock
+
+    with RunDirLock(tmp_path / "run"):
+        with pytest.raises(RunDirInUse, match=rf"in use by pid {os.getpid()} on "):
+            RunDirLock(tmp_path / "run").__enter__()
+    assert (tmp_path / "run" / ".lock").read_text() == ""  # a clean exit names no holder
+    (tmp_path / "run" / ".lock").write_text("pid 999999999 on elsewhere")  # its holder died
+    with RunDirLock(tmp_path / "run"):
+        pass
+    assert "pid 999999999 on elsewhere held" in capsys.readouterr().err

@@ -13,11 +13,13 @@ import json
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
-from megatron_vespo.rollout.client import (PromptRequest, RolloutClient, RolloutError, SamplingOptions)
+from megatron_vespo.rollout.client import RolloutClient, RolloutError, SamplingOptions
+from megatron_vespo.tasks.base import Prompt
 from megatron_vespo.rollout.fleet import Fleet, FleetConfig, FleetError
 from megatron_vespo.rollout.router import RouterClient
 from megatron_vespo.rollout.server import ServerOptions
@@ -40,8 +42,8 @@ def make_model(directory) -> None:
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(directory)
 
 
-def prompts(count: int, start: int = 0) -> list[PromptRequest]:
-    return [PromptRequest(g, [1 + g % 100, 7, 3 + g % 11, 9], {"source": f"p{g}"})
+def prompts(count: int, start: int = 0) -> list[Prompt]:
+    return [Prompt(g, [1 + g % 100, 7, 3 + g % 11, 9], {"source": f"p{g}"})
             for g in range(start, start + count)]
 
 
@@ -73,18 +75,19 @@ def test_generation_has_n_samples_with_logprobs_and_version(fleet, model_dir):
     batch = prompts(6)
     gens = client.generate_batch(batch, progress=False)
 
-    assert [(g.group_id, g.sample_index) for g in gens] == [(p.group_id, i) for p in batch for i in range(n)]
+    assert [g.sample_id for g in gens] == [f"{p.group_id}-{i}" for p in batch for i in range(n)]
     for g in gens:
         assert 1 <= len(g.response_ids) <= max_new
         assert len(g.engine_logprobs) == len(g.response_ids)
         assert all(math.isfinite(lp) and lp <= 0 for lp in g.engine_logprobs)
-        assert g.weight_version == 0 and g.weight_versions[0].start == 0
-        assert g.weight_versions[-1].end == len(g.response_ids)
-        assert g.metadata == {"source": f"p{g.group_id}"} and g.routed_experts is None
-        if g.finish_reason == "stop":
+        spans, finish = g.metadata["weight_versions"], g.metadata["finish_reason"]
+        assert g.policy_version == 0 and spans[0][1] == 0 and spans[-1][2] == len(g.response_ids)
+        assert g.metadata["source"] == f"p{g.group_id}" and g.routed_experts is None
+        assert math.isnan(g.reward)  # the source scores it
+        if finish == "stop":
             assert g.response_ids[-1] == STOP
         else:
-            assert g.finish_reason == "length" and len(g.response_ids) == max_new
+            assert finish == "length" and len(g.response_ids) == max_new
     assert client.stats.samples == len(gens) and client.stats.tokens_generated == sum(
         len(g.response_ids) for g in gens)
     assert client.stats.requests_retried == 0 and client.stats.tokens_per_s > 0
@@ -92,7 +95,7 @@ def test_generation_has_n_samples_with_logprobs_and_version(fleet, model_dir):
     # The engine log-probs are those of the sampled tokens: a transformers forward agrees.
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for g in gens[:4]:
-        ids = torch.tensor([g.prompt_ids + g.response_ids])
+        ids = torch.tensor(np.concatenate([g.prompt_ids, g.response_ids]), dtype=torch.long)[None]
         with torch.no_grad():
             logp = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
         ref = logp[len(g.prompt_ids) - 1:].gather(-1, ids[0, len(g.prompt_ids):, None])[:, 0]
@@ -201,19 +204,22 @@ def test_client_resends_a_failed_group_and_reads_weight_spans():
 
     async def run(fake_fleet):
         client = RolloutClient(fake_fleet, SamplingOptions(max_new_tokens=2), n=2)
-        return client, await client.generate([PromptRequest(0, [1, 5]), PromptRequest(1, [3, 5])], progress=False)
+        return client, await client.generate([Prompt(0, [1, 5], {}), Prompt(1, [3, 5], {})],
+                                             progress=False)
 
     client, gens = asyncio.run(server.run(run))
-    assert [(g.group_id, g.sample_index) for g in gens] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [g.sample_id for g in gens] == ["0-0", "0-1", "1-0", "1-1"]
     assert client.stats.requests_retried == 1 and server.calls == {1: 1, 3: 2}
-    assert gens[0].weight_version == 3 and [w.version for w in gens[0].weight_versions] == [3, 4]
+    assert gens[0].policy_version == 3
+    assert [v for v, _, _ in gens[0].metadata["weight_versions"]] == [3, 4]
 
 
 @pytest.mark.parametrize("on_invalid", ["raise", "skip"])
 def test_non_finite_logprobs_raise_or_skip_the_group_counted(on_invalid, caplog):
     async def run(fake_fleet):
         client = RolloutClient(fake_fleet, SamplingOptions(max_new_tokens=2), n=2, on_invalid=on_invalid)
-        return client, await client.generate([PromptRequest(0, [1, 5]), PromptRequest(7, [2, 5])], progress=False)
+        return client, await client.generate([Prompt(0, [1, 5], {}), Prompt(7, [2, 5], {})],
+                                             progress=False)
 
     if on_invalid == "raise":
         with pytest.raises(RolloutError, match="group 7: invalid answer: sample 0: non-finite log-prob"):
@@ -246,8 +252,8 @@ def test_killing_a_server_mid_batch_loses_and_duplicates_nothing(fleet, caplog):
         gens = asyncio.run(run())
 
     assert not victim.alive
-    keys = [(g.group_id, g.sample_index) for g in gens]
-    assert sorted(keys) == [(100 + g, i) for g in range(count) for i in range(n)]  # each exactly once
+    keys = [g.sample_id for g in gens]
+    assert sorted(keys) == sorted(f"{100 + g}-{i}" for g in range(count) for i in range(n))  # once each
     assert client.stats.requests_retried >= 1
     assert fleet.worker_urls == [survivor.url]
     assert [w.url for w in fleet.router.workers()] == [survivor.url]

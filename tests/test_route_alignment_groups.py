@@ -36,14 +36,15 @@ def gather_cp_shards(rank, world_size, samples):
     full = pack_micro_batch(samples, torch.zeros(len(samples)),
                             pad_multiple=required_pad_multiple(world_size), uniform_length=False)
     shard = cp_shard(full, world_size, groups.cp_rank)
-    local = micro_batch_engine_routes(samples, shard, groups.cp_rank)
+    local = micro_batch_engine_routes(samples, shard, groups.cp_rank).long()  # gloo: no int16
     pieces = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(pieces, local, group=groups.cp)
     # Each local row must sit where its own position says: route code == 1000 * seq + position.
     held = torch.where(local[:, 0, 0] >= 0)[0]
     expected = 1000 * shard.seq_index[held] + shard.position_ids[held]
     return (torch.equal(local[held, 0, 0], expected),
-            torch.equal(cp_unshard(pieces, full.cu_seqlens_padded), micro_batch_engine_routes(samples, full)))
+            torch.equal(cp_unshard(pieces, full.cu_seqlens_padded),
+                        micro_batch_engine_routes(samples, full).long()))
 
 
 def gather_sp_slices(rank, world_size, samples):
@@ -56,7 +57,7 @@ def gather_sp_slices(rank, world_size, samples):
     groups = ParallelLayout(tp=world_size, sequence_parallel=True).initialize()
     batch = pack_micro_batch(samples, torch.zeros(len(samples)), pad_multiple=world_size,
                              uniform_length=True)
-    routes = micro_batch_engine_routes(samples, batch)
+    routes = micro_batch_engine_routes(samples, batch).long()  # gloo gathers no int16
     kw = dict(rows=batch.num_seqs, sequence_parallel=True)
     mine = align_to_router_order(routes, tp_size=world_size, tp_rank=groups.tp_rank, **kw)
     pieces = [torch.empty_like(mine) for _ in range(world_size)]

@@ -53,7 +53,7 @@ def two_steps(rank, world_size, cases, samples, state):
     """Per case (replay mode, micro-batches per rank, engine routes?): recompute the old policy,
     then two train steps on the same micro-batches; returns both steps' moe/ metrics."""
     from megatron_vespo.learner.batching import micro_batch_plan
-    from megatron_vespo.moe.replay import rank_engine_routes
+    from megatron_vespo.moe.replay import attach_engine_routes
     from megatron_vespo.parallel.layout import ParallelLayout
     from megatron_vespo.parallel.step_reduce import global_denominators
 
@@ -61,15 +61,14 @@ def two_steps(rank, world_size, cases, samples, state):
     for replay, per_rank_mb, engine in cases:
         learner = routing_learner(ParallelLayout(), state, replay, lr=3e-2)
         batches = micro_batches(learner, samples, per_rank_mb)
-        routes = None
         if engine:
             g = learner.groups
-            routes = rank_engine_routes(samples, batches, micro_batch_plan(
+            batches = attach_engine_routes(samples, batches, micro_batch_plan(
                 [s.num_tokens for s in samples], dp_rank=g.dp_rank, dp_size=g.dp_size,
                 micro_batch_size=len(samples) // g.dp_size // per_rank_mb))
-        batches = learner.recompute_old_logprobs(batches, routes)
+        batches = learner.recompute_old_logprobs(batches)
         denom = global_denominators(batches, learner.groups.dp)
-        steps = [learner.train_step(batches, denom, routes) for _ in range(2)]
+        steps = [learner.train_step(batches, denom) for _ in range(2)]
         out[(replay, per_rank_mb, engine)] = [
             {k: v for k, v in s.items() if k.startswith("moe/") and not k.startswith("moe/load_bal")}
             for s in steps]

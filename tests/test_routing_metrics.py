@@ -15,7 +15,10 @@ def ids_t(rows):
 
 
 def fin(ms, num_layers, num_experts=4):
-    return finalize_routing(ms, num_layers, num_experts)
+    """Finalised metrics; the sums are [num_layers] and [num_layers, num_experts] tensors."""
+    for name, value in ms.sums.items():
+        assert value.shape in ((), (num_layers,), (num_layers, num_experts)), name
+    return finalize_routing(ms)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,8 +78,8 @@ def test_unrecorded_and_masked_excluded():
     assert out["moe/route_any_layer_mismatch_frac"] == 0.0
     assert out["moe/route_overlap_mean"] == 1.0
     ms = route_agreement(a, b, mask)
-    assert float(ms.tok["moe_agree[moe/route]/tokens"]) == 2.0  # tokens 0 and 2
-    assert float(ms.tok["moe_agree[moe/route]/rows/layer_1"]) == 1.0  # token 0 only
+    assert float(ms.sums["agree[moe/route]/tokens"]) == 2.0  # tokens 0 and 2
+    assert float(ms.sums["agree[moe/route]/rows"][1]) == 1.0  # token 0 only
 
 
 def test_empty_gives_nan():
@@ -155,7 +158,7 @@ def test_kl_and_mass_match_direct_formula():
     # torch's own KL agrees on a counted row
     ref = torch.nn.functional.kl_div(q[1, 0].log(), p[1, 0], reduction="sum")
     direct = router_drift(p[1:2, :1], q[1:2, :1], pi[1:2, :1], qi[1:2, :1], mask[1:2])
-    assert float(direct.tok["moe_drift/kl_sum/layer_0"]) == pytest.approx(float(ref), rel=1e-12)
+    assert float(direct.sums["drift/kl_sum"][0]) == pytest.approx(float(ref), rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ def test_uniform_load_cv_zero():
     out = fin(expert_load(ids, torch.ones(4, dtype=torch.bool), 4), 1, 4)
     assert out["moe/expert_load_cv"] == 0.0
     assert out["moe/expert_load_max_violation"] == 0.0
-    assert torch.equal(load_matrix(expert_load(ids, torch.ones(4, dtype=torch.bool), 4), 1, 4),
+    assert torch.equal(load_matrix(expert_load(ids, torch.ones(4, dtype=torch.bool), 4)),
                        torch.full((1, 4), 0.25, dtype=torch.float64))
 
 
@@ -187,18 +190,18 @@ def test_known_load_values():
     assert out["moe/expert_load_max_violation/layer_1"] == 0.0
     assert out["moe/expert_load_cv"] == pytest.approx(std0 / 2)
     assert out["moe/expert_load_max_violation"] == pytest.approx(1.0)
-    lm = load_matrix(ms, 2, 4)
+    lm = load_matrix(ms)
     assert torch.allclose(lm, torch.tensor([[0.75, 0.25, 0, 0], [0.25] * 4], dtype=torch.float64))
-    assert float(ms.tok["moe_load/layer_0/expert_0"]) == 3.0
+    assert ms.sums["load"].shape == (2, 4) and float(ms.sums["load"][0, 0]) == 3.0
 
 
 def test_load_key_set_independent_of_data_and_empty_layer_nan():
     ids = ids_t([[[-1, -1]], [[-1, -1]]])
     ms = expert_load(ids, torch.ones(2, dtype=torch.bool), 3)
-    assert sorted(ms.tok) == sorted(f"moe_load/layer_0/expert_{e}" for e in range(3))
+    assert list(ms.sums) == ["load"] and ms.sums["load"].shape == (1, 3)
     out = fin(ms, 1, 3)
     assert math.isnan(out["moe/expert_load_cv"])
-    assert torch.isnan(load_matrix(ms, 1, 3)).all()
+    assert torch.isnan(load_matrix(ms)).all()
 
 
 def test_confidence_and_entropy():
@@ -223,15 +226,25 @@ def test_confidence_and_entropy():
     assert out_u["moe/routing_confidence"] == pytest.approx(0.25)
 
 
-def test_metric_sums_finalize_ignores_routing_keys():
+def test_routing_sums_reduce_in_one_collective_per_kind():
+    """Every [L] and [L, E] sum crosses ranks in one flat all-reduce, every maximum in another."""
     g = torch.Generator().manual_seed(3)
     p, q = rand_probs(g, 4, 2, 4), rand_probs(g, 4, 2, 4)
     pi, qi = topk(p, 2), topk(q, 2)
     m = torch.ones(4, dtype=torch.bool)
     ms = route_agreement(pi, qi, m).merge(router_drift(p, q, pi, qi, m)).merge(
         expert_load(pi, m, 4, probs_full=p))
-    assert ms.finalize() == {}
-    routing = fin(ms, 2, 4)
+    calls = []
+
+    def twice(x):  # two ranks holding the same sums
+        calls.append(x.shape)
+        return x * 2
+
+    reduced = ms.reduce(twice, lambda x: calls.append(x.shape) or x)
+    assert len(calls) == 2 and calls[0] == (sum(v.numel() for v in ms.sums.values()),)
+    assert torch.equal(reduced.sums["load"], 2 * ms.sums["load"].double())
+    routing = fin(reduced, 2, 4)
+    assert routing == pytest.approx(fin(ms, 2, 4), nan_ok=True)  # ratios of doubled sums
     assert routing and all(k.startswith("moe/") for k in routing)
 
 
@@ -266,15 +279,15 @@ def test_sharded_reduction_exact(bounds):
         merged = shard if merged is None else merged.merge(shard)
     # the same path a step takes: reduce (identity: one rank holds all shards' sums) then finalize
     ident = lambda x: x  # noqa: E731
-    sharded = fin(merged.reduce(sum_seq=ident, sum_tok=ident, max_all=ident), num_layers, e)
+    sharded = fin(merged.reduce(ident, ident), num_layers, e)
 
     assert whole.keys() == sharded.keys()
     assert len(whole) > 30
     for key, v in whole.items():
         assert math.isfinite(v), key
         assert sharded[key] == pytest.approx(v, rel=1e-12, abs=1e-12), key
-    assert torch.equal(load_matrix(merged, num_layers, e),
-                       load_matrix(all_sums(p, q, pi, qi, mask, e), num_layers, e))
+    assert torch.equal(load_matrix(merged),
+                       load_matrix(all_sums(p, q, pi, qi, mask, e)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,7 +305,7 @@ def test_heatmap_png(tmp_path, monkeypatch):
     monkeypatch.setattr(heatmap, "save_png", lambda fig, path: figures.append(fig) or save_png(fig, path))
 
     ids = ids_t([[[0, 1], [2, 3]], [[0, 2], [-1, -1]], [[1, 0], [3, 2]]])
-    load = load_matrix(expert_load(ids, torch.ones(3, dtype=torch.bool), 4), 2, 4)
+    load = load_matrix(expert_load(ids, torch.ones(3, dtype=torch.bool), 4))
     load = torch.cat([load, torch.full((1, 4), math.nan, dtype=torch.float64)])  # an empty layer
     path = write_load_heatmap(load, tmp_path / "sub" / "load.png")
     assert path == tmp_path / "sub" / "load.png"

@@ -1,9 +1,12 @@
 """The recorded-rollout file: round trip, and bad records named by line and field."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
+from megatron_vespo.learner.sample_files import open_rollout_file
 from megatron_vespo.learner.samples import Sample, SampleError, read_samples, write_samples
 
 
@@ -79,6 +82,29 @@ def test_routes_are_kept_compact_and_round_trip(tmp_path):
     assert back[0] != Sample(**sample(0), routed_experts=other)
 
 
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 4 * 3 * 2 * 7])
+def test_uint8_fast_decode_equals_the_full_decode(count):
+    """Ids below 256 are read from 6 of every 16 base64 characters; anything else (an id >= 256,
+    a negative one, a character outside base64) falls back to the full decode and its error."""
+    import base64
+
+    from megatron_vespo.rollout.routed_experts import _low_bytes, decode_routed_experts
+
+    ids = np.random.default_rng(count).integers(0, 256, count, dtype="<i4")
+    ids[-1] = 255
+    payload = base64.b64encode(ids.tobytes()).decode()
+    assert np.array_equal(_low_bytes(payload, count), ids)
+    assert np.array_equal(decode_routed_experts(payload, count, 1, 256).reshape(-1), ids)
+    for bad in (256, -1, 1 << 24):
+        wrong = ids.copy()
+        wrong[count // 2] = bad
+        text = base64.b64encode(wrong.tobytes()).decode()
+        assert _low_bytes(text, count) is None
+        with pytest.raises(ValueError, match=f"routed expert id {bad} is outside"):
+            decode_routed_experts(text, count, 1, 256)
+    assert _low_bytes(payload.replace(payload[1], "*", 1), count) is None
+
+
 def test_empty_file_and_atomic_write(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(SampleError, match="no samples"):
@@ -94,3 +120,59 @@ def test_empty_file_and_atomic_write(tmp_path):
         write_samples(target, broken())
     assert target.read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+# --- Parquet, and lazy reading of both formats (learner.sample_files) ----------------------------
+
+def routed_sample(i, experts=6, **kw):
+    rng = np.random.default_rng(i)
+    raw = sample(i, **kw)
+    rows = len(raw["prompt_ids"]) + len(raw["response_ids"]) - 1
+    return Sample(**{**raw, "routed_experts": rng.integers(0, experts, (rows, 2, 3)).astype(np.uint8),
+                     "metadata": {"answer": str(i)}})
+
+
+def test_parquet_round_trip_lazy_ranges_and_directories(tmp_path):
+    samples = [routed_sample(i) for i in range(6)]
+    samples[3] = dataclasses.replace(samples[3], routed_experts=None,
+                                     engine_logprobs=[float("nan"), -1.0])
+    write_samples(tmp_path / "a" / "r.parquet", samples)
+    back = read_samples(tmp_path / "a" / "r.parquet", vocab_size=8, num_experts=6)
+    assert [s.sample_id for s in back] == [s.sample_id for s in samples]
+    for got, want in zip(back, samples):
+        assert got.metadata == want.metadata and got.reward == want.reward
+        assert np.array_equal(got.prompt_ids, want.prompt_ids)
+        np.testing.assert_array_equal(got.engine_logprobs, want.engine_logprobs)  # NaN kept
+        assert (got.routed_experts is None) == (want.routed_experts is None)
+        if want.routed_experts is not None:
+            assert got.routed_experts.dtype == np.uint8
+            assert np.array_equal(got.routed_experts, want.routed_experts)
+    rollouts = open_rollout_file(tmp_path / "a" / "r.parquet")
+    assert rollouts.num_samples == 6 and rollouts.rows_without_routes == 1
+    assert [s.sample_id for s in rollouts.samples(2, 5)] == ["s2", "s3", "s4"]
+    write_samples(tmp_path / "a" / "s.parquet", [routed_sample(i) for i in range(6, 8)])
+    both = open_rollout_file(tmp_path / "a")  # a directory: its files in name order
+    assert [s.sample_id for s in both.samples(5, 8)] == ["s5", "s6", "s7"]
+    jsonl = tmp_path / "r.jsonl"
+    write_samples(jsonl, samples)
+    lazy = open_rollout_file(jsonl, vocab_size=8)
+    assert lazy.rows_without_routes == 1
+    assert list(lazy.samples(4, 6)) == samples[4:6]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(response_ids=[4, 99]), r"r\.parquet row 1: field 'response_ids' has token id 99 outside "
+                                 r"the vocabulary \[0, 8\)"),
+    (dict(engine_logprobs=[-0.5]), r"row 1: field 'engine_logprobs' has 1 entries for 2 response"),
+    (dict(reward=float("inf")), r"row 1: field 'reward' must be a finite number"),
+    (dict(routed_experts=np.full((4, 2, 3), 7, np.uint8)),
+     r"row 1: field 'routed_experts': routed expert id 7 is outside \[0, 6\)"),
+    (dict(routed_experts=np.zeros((3, 2, 3), np.uint8)),
+     r"row 1: field 'routed_experts' has 18 values, not \(prompt_len \+ response_len - 1\) x 2 x 3"),
+    (dict(sample_id="s0"), r"row 1: duplicate sample_id 's0'"),
+])
+def test_bad_parquet_rows_are_named_by_row_and_field(tmp_path, change, message):
+    samples = [routed_sample(0), dataclasses.replace(routed_sample(1), **change)]
+    write_samples(tmp_path / "r.parquet", samples)
+    with pytest.raises(SampleError, match=message):
+        read_samples(tmp_path / "r.parquet", vocab_size=8, num_experts=6)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vespo.config import ConfigError, build
+from megatron_vespo.config import ConfigError, build, load_config
 from megatron_vespo.slurm import SlurmConfig, render_sbatch, slurm_submit, submit, wait_for
 
 from tests.slurm_cluster import LocalSlurmCluster, missing_reason
@@ -20,13 +20,9 @@ from tests.slurm_cluster import LocalSlurmCluster, missing_reason
 REPO = Path(__file__).resolve().parents[1]
 STANDINS = Path(__file__).with_name("slurm_standins.py")
 
-# The shipped example, slurm/train_qwen3_30b_a3b.sbatch: 8 learner nodes x 8 GPUs, 4 fleet nodes with
-# 4 servers (TP 2) each, in a pyxis container.
-EXAMPLE = SlurmConfig(
-    partition="gpu", account="rl", time_limit="2-00:00:00", learner_nodes=8, gpus_per_node=8,
-    cpus_per_task=96, rollout_nodes=4, servers_per_node=4, cpus_per_server=24,
-    container_image="nvcr.io#nvidia/pytorch:25.10-py3", container_mounts="/lustre:/lustre",
-    extra_sbatch=("--exclusive", "--mem=0"), env=("NCCL_DEBUG=WARN", "HF_HOME=/lustre/cache/hf"))
+# The shipped example, slurm/train_qwen3_30b_a3b.sbatch: the render of configs/qwen3_30b_a3b.yaml's
+# slurm section (4 learner nodes x 8 GPUs, 2 fleet nodes with 4 servers of TP 2, in a container).
+EXAMPLE = load_config(REPO / "configs" / "qwen3_30b_a3b.yaml").slurm
 EXAMPLE_PATH = REPO / "slurm" / "train_qwen3_30b_a3b.sbatch"
 EXAMPLE_ARGS = ("configs/qwen3_30b_a3b.yaml", "runs/qwen3_30b_a3b")
 
@@ -42,12 +38,11 @@ def test_one_het_job_learners_first_then_the_fleet():
     split = lines.index("hetjob")
     learners, fleet = lines[:split], lines[split + 1:]
     assert lines.count("hetjob") == 1
-    assert {"--nodes=8", "--ntasks-per-node=1", "--cpus-per-task=96",
+    assert {"--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=96",
             "--gpus-per-node=8"} <= set(learners)
-    assert {"--nodes=4", "--ntasks-per-node=4", "--cpus-per-task=24", "--gpus-per-node=8"} <= set(fleet)
+    assert {"--nodes=2", "--ntasks-per-node=4", "--cpus-per-task=24", "--gpus-per-node=8"} <= set(fleet)
     for component in (learners, fleet):  # per-component options repeat in both
-        assert {"--partition=gpu", "--account=rl", "--time=2-00:00:00", "--exclusive",
-                "--mem=0"} <= set(component)
+        assert {"--time=48:00:00", "--exclusive", "--mem=0"} <= set(component)  # whole nodes
     assert "--job-name=megatron-vespo" in learners and "--output=runs/qwen3_30b_a3b/slurm-%j.out" in learners
 
 
@@ -56,12 +51,12 @@ def test_learners_run_torchrun_per_node_with_the_rendezvous_and_fleet_from_the_j
     assert 'mapfile -t learner_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0")' in script
     assert 'mapfile -t fleet_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1")' in script
     assert 'master_addr=$(node_addr "${learner_nodes[0]}")' in script
-    assert "first_port=$((20000 + SLURM_JOB_ID % 2000 * 16))" in script
-    assert ("srun --het-group=0 --nodes=8 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=96 "
+    assert "first_port=$((10000 + SLURM_JOB_ID % 750 * 16))" in script
+    assert ("srun --het-group=0 --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=96 "
             "--gres=gpu:8 --container-image='nvcr.io#nvidia/pytorch:25.10-py3' "
             "--container-mounts=/lustre:/lustre") in script
     assert "bash -c 'exec torchrun --node-rank \"$SLURM_NODEID\" \"$@\"' torchrun" in script
-    assert "--nnodes=8 --nproc-per-node=8 \\\n" in script
+    assert "--nnodes=4 --nproc-per-node=8 \\\n" in script
     assert '--master-addr="$master_addr" --master-port="$master_port"' in script
     assert "-m megatron_vespo.cli train configs/qwen3_30b_a3b.yaml --run-dir runs/qwen3_30b_a3b" in script
     assert '"rollout.fleet.attach_router_url=$router_url" "rollout.fleet.attach_worker_urls=[$worker_csv]"' in script
@@ -133,6 +128,29 @@ def test_as_a_config_section_errors_name_the_dotted_key():
         build(SlurmConfig, {"nodes": 2}, "slurm")
 
 
+def test_submit_refuses_paths_it_cannot_see_and_mounts_the_ones_it_can(tmp_path, capsys):
+    """The shipped config's /path/to/... placeholders used to be queued and fail on the nodes; the
+    container could not see the run directory, model or data."""
+    from megatron_vespo import cli
+
+    config = str(REPO / "configs" / "qwen3_30b_a3b.yaml")
+    run = tmp_path / "run"
+    assert cli.main(["slurm", "submit", config, "--run-dir", str(run), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train.init_hf_checkpoint='/path/to/Qwen3-30B-A3B' does not exist on this host" in err
+    model, data = tmp_path / "models" / "qwen", tmp_path / "data"
+    model.mkdir(parents=True), data.mkdir()
+    for name in ("train.parquet", "eval.parquet"):
+        (data / name).write_text("")
+    assert cli.main(["slurm", "submit", config, "--run-dir", str(run), "--dry-run",
+                     f"train.init_hf_checkpoint={model}", f"task.data.path={data / 'train.parquet'}",
+                     f"task.data.eval_path={data / 'eval.parquet'}"]) == 0
+    script = (run / "job.sbatch").read_text()
+    mounts = re.search(r"--container-mounts='?([^ ']+)", script).group(1).split(",")
+    assert mounts == ["/lustre:/lustre", f"{run}:{run}", f"{model}:{model}", f"{data}:{data}"]
+    assert f"--run-dir {run} --resume" in script  # a resubmitted job continues the run
+
+
 def test_dry_run_writes_the_script_with_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("train.yaml").write_text("{}\n")
@@ -160,7 +178,7 @@ def cluster(tmp_path_factory):
 
 TINY = SlurmConfig(learner_nodes=2, gpus_per_node=0, ranks_per_node=1, cpus_per_task=1,
                    rollout_nodes=1, servers_per_node=2, cpus_per_server=1, time_limit="5",
-                   port_base=27100, port_slots=50, fleet_timeout_s=30,
+                   port_base=12100, port_slots=50, fleet_timeout_s=30,
                    env=(f"PATH={Path(sys.executable).parent}:$PATH",))
 
 
@@ -180,7 +198,7 @@ def test_learners_reach_the_fleet_through_discovered_addresses(cluster, tmp_path
     job_id, state, log = _run_job(run, (sys.executable, str(STANDINS), "serve", "--out", str(run)))
     assert state == "COMPLETED", log
     ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
-    first_port = 27100 + int(job_id) % 50 * 16
+    first_port = 12100 + int(job_id) % 50 * 16
     # torchrun: one agent per learner node, node rank = the node's index, one rendezvous.
     assert [r["env"]["GROUP_RANK"] for r in ranks] == ["0", "1"]
     assert [r["env"]["WORLD_SIZE"] for r in ranks] == ["2", "2"]
@@ -218,7 +236,7 @@ def test_real_job_trains_tiny_moe_and_logs_to_mlflow(cluster, tmp_path):
     repo = Path(__file__).resolve().parent.parent
     overrides = ["slurm.gpus_per_node=0", "slurm.ranks_per_node=1", "slurm.cpus_per_task=1",
                  "slurm.learner_nodes=1", "slurm.rollout_nodes=1", "slurm.servers_per_node=1",
-                 "slurm.cpus_per_server=1", "slurm.time_limit=00:15:00", "slurm.port_base=28000",
+                 "slurm.cpus_per_server=1", "slurm.time_limit=00:15:00", "slurm.port_base=13000",
                  "slurm.port_slots=40", "slurm.fleet_timeout_s=600",
                  f"slurm.env=[PATH={Path(sys.executable).parent}:$PATH]",
                  "train.max_steps=2", "train.rollout_batch_size=16", "train.micro_batch_size=4",

@@ -42,13 +42,34 @@ def test_no_trained_group_exceeds_max_staleness(actions, groups_per_step, max_st
                     assert 0 <= lag <= max_staleness
                     trained.append(g.samples[0])
                 buf.advance()
-        # Admission control bounds the work in flight at every moment.
-        assert buf.stats.accepted + buf.running <= (max_staleness + buf.version + 1) * groups_per_step
+        # Admission control bounds the work in flight at every moment (dropped groups free slots).
+        assert buf.stats.accepted - buf.stats.dropped_stale + buf.running <= \
+            (max_staleness + buf.version + 1) * groups_per_step
     s = buf.stats
     assert len(trained) == len(set(trained)) == sum(s.lag_histogram.values())
     # Every admitted group is trained, dropped as stale, still queued, or still running.
     assert s.admitted == len(trained) + s.dropped_stale + buf.queue_depth + buf.running
     assert buf.running == len(running)
+
+
+def test_groups_dropped_as_stale_free_their_slots_and_a_stalled_take_names_the_state():
+    """Before: after a resume against servers reporting weight version 0, every group came back
+    stale, was dropped, and kept its admission slot; once the slots ran out `take` waited forever."""
+    from megatron_vespo.rollout.source import RolloutConfig, RolloutSource
+
+    buf = StalenessBuffer(groups_per_step=2, max_staleness=1)
+    buf.version = 40  # the resumed trainer
+    for _ in range(100):  # far more groups than the (1 + 40 + 1) * 2 = 84 slots
+        assert buf.try_admit() == 40
+        buf.accept(["g"], version=0)  # the servers report an old version: every group is stale
+        assert buf.take(timeout=0) is None
+    assert buf.stats.dropped_stale == 100 and buf.try_admit() is not None
+    src = RolloutSource(RolloutConfig(mode="async", wait_timeout_s=0.2), None, iter(()),
+                        lambda meta, response: 1.0, prompts_per_step=2)
+    src.buffer = StalenessBuffer(2, 1)
+    with pytest.raises(RuntimeError, match=r"no step's groups after rollout.wait_timeout_s=0.2: "
+                                           r"policy version 0, 0 of 2 groups ready, 0 running"):
+        src.take()
 
 
 @settings(max_examples=100, deadline=None)
@@ -108,27 +129,29 @@ class _SpanningClient:
         self.calls = []
 
     async def generate_group(self, session, prompt):
-        from megatron_vespo.rollout.client import Generation, WeightSpan
+        import math
+
+        from megatron_vespo.learner.samples import Sample
 
         self.calls.append(prompt.group_id)
-        spans = [WeightSpan(0, 0, 2), WeightSpan(1, 2, 4)] if self.calls.count(prompt.group_id) == 1 \
-            else [WeightSpan(1, 0, 4)]
-        return [Generation(prompt.group_id, i, list(prompt.prompt_ids), [3, 4, 5, 6], [-1.0] * 4, None,
-                           spans[0].version, spans, "length", 0.1, {}) for i in range(2)]
+        spans = [[0, 0, 2], [1, 2, 4]] if self.calls.count(prompt.group_id) == 1 else [[1, 0, 4]]
+        return [Sample(f"{prompt.group_id}-{i}", prompt.group_id, list(prompt.prompt_ids),
+                       [3, 4, 5, 6], math.nan, [-1.0] * 4, spans[0][0], None,
+                       {"finish_reason": "length", "weight_versions": spans}) for i in range(2)]
 
 
 @pytest.mark.parametrize("mode", ["finish", "drop"])
 def test_partial_rollout_is_kept_or_generated_again(mode):
     import asyncio
 
-    from megatron_vespo.rollout.client import PromptRequest
     from megatron_vespo.rollout.source import RolloutConfig, RolloutSource
+    from megatron_vespo.tasks.base import Prompt
 
     client = _SpanningClient()
     src = RolloutSource(RolloutConfig(mode="async", partial_rollout=mode, max_staleness=1), client,
                         iter(()), lambda meta, response: 1.0, prompts_per_step=1)
     src.buffer = StalenessBuffer(1, max_staleness=1)
-    prompt = PromptRequest(7, [1, 2])
+    prompt = Prompt(7, [1, 2], {})
 
     def run_one(request):
         version = src.buffer.try_admit()

@@ -1,4 +1,4 @@
-"""MoE routing-stability metrics as additive statistics (pure: tensors in, `MetricSums` out).
+"""MoE routing-stability metrics as additive statistics (pure: tensors in, `RoutingSums` out).
 
 Inputs are this rank's response tokens' routing decisions, one row per (token, MoE layer):
   ids         [N, L, k] int64 top-k expert ids; a row holding any -1 means "no route recorded"
@@ -8,13 +8,12 @@ Inputs are this rank's response tokens' routing decisions, one row per (token, M
   mask        [N] bool, the tokens to count (response tokens).
 
 Everything ratio-like or nonlinear in counts (fractions, means, KL means, load CV, max violation)
-is stored as plain SUMS in scope `tok` (each CP rank holds different tokens) and turned into floats
-by `finalize_routing` after `MetricSums.reduce`, so the result over many ranks is exactly the result
-over the concatenated batch. The key set depends on (L, E, which inputs were given) only, never on
-data, as `MetricSums.reduce` requires.
+is stored as plain SUMS, one tensor per statistic: per layer [L] (rows, mismatches, KL sums, ...),
+per layer and expert [L, E] (assignment counts), or a scalar; they are summed over the ranks that
+hold different tokens (`RoutingSums.reduce`: one collective for all of them) and turned into floats
+by `finalize_routing`, so the result over many ranks is exactly the result over the concatenated
+batch. The names and shapes depend on (L, E, which inputs were given) only, never on data.
 
-Sum keys live under prefixes no other metric uses (`moe_agree[...]`, `moe_drift/`, `moe_load/`,
-`moe_conf/`, `moe_ent/`); `MetricSums.finalize` reads only the keys it knows, so it ignores them.
 User-facing names (`finalize_routing`):
   {prefix}_topk_mismatch_frac[/layer_i]  fraction of (token, layer) rows whose top-k SET differs
   {prefix}_any_layer_mismatch_frac       fraction of tokens with at least one differing layer
@@ -35,23 +34,59 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .metrics import MetricSums, _max
+from .metrics import _max
 
 __all__ = [
+    "RoutingSums",
     "route_agreement",
     "router_drift",
     "expert_load",
     "finalize_routing",
     "load_matrix",
-    "load_counts",
 ]
 
-_AGREE_RE = re.compile(r"^moe_agree\[(.+)\]/tokens$")
+_AGREE_RE = re.compile(r"^agree\[(.+)\]/tokens$")
+Reducer = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class RoutingSums:
+    """Routing statistics of some tokens: `sums` name -> tensor ([L], [L, E] or []) that add over
+    tokens and ranks; `maxima` name -> scalar tensor that takes the max."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    maxima: dict[str, Tensor] = field(default_factory=dict)
+
+    def merge(self, other: "RoutingSums") -> "RoutingSums":
+        sums, maxima = dict(self.sums), dict(self.maxima)
+        for k, v in other.sums.items():
+            sums[k] = sums[k] + v if k in sums else v
+        for k, v in other.maxima.items():
+            maxima[k] = torch.maximum(maxima[k], v) if k in maxima else v
+        return RoutingSums(sums, maxima)
+
+    def reduce(self, sum_all: Reducer, max_all: Reducer) -> "RoutingSums":
+        """Over ranks: every sum in one flat float64 collective, every maximum in another (names
+        sorted, so every rank lays them out alike)."""
+
+        def apply(d: dict[str, Tensor], fn: Reducer) -> dict[str, Tensor]:
+            if not d:
+                return {}
+            keys = sorted(d)
+            flat = fn(torch.cat([d[k].detach().double().reshape(-1) for k in keys]))
+            out, at = {}, 0
+            for k in keys:
+                out[k] = flat[at:at + d[k].numel()].view(d[k].shape)
+                at += d[k].numel()
+            return out
+
+        return RoutingSums(apply(self.sums, sum_all), apply(self.maxima, max_all))
 
 
 def _check_ids(ids: Tensor, name: str) -> None:
@@ -75,7 +110,7 @@ def _token_mask(mask: Tensor, n: int) -> Tensor:
 
 
 def _agree_key(prefix: str, what: str) -> str:
-    return f"moe_agree[{prefix}]/{what}"
+    return f"agree[{prefix}]/{what}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +118,7 @@ def _agree_key(prefix: str, what: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def route_agreement(a_ids: Tensor, b_ids: Tensor, mask: Tensor, prefix: str = "moe/route") -> MetricSums:
+def route_agreement(a_ids: Tensor, b_ids: Tensor, mask: Tensor, prefix: str = "moe/route") -> RoutingSums:
     """Top-k agreement between two routing sources (e.g. engine vs old-policy forward: prefix
     "moe/route"; old-policy vs current forward: prefix "moe/drift").
 
@@ -94,8 +129,8 @@ def route_agreement(a_ids: Tensor, b_ids: Tensor, mask: Tensor, prefix: str = "m
     A (token, layer) row counts when the token is in `mask` and both sources recorded it; a token
     counts for the any-layer fraction when it has at least one such row.
 
-    Returns `MetricSums` (scope `tok`) with, per layer i, rows / mismatching rows / summed overlap
-    fraction, and the counted / any-mismatch tokens.
+    Returns `RoutingSums` with [L] rows / mismatching rows / summed overlap fraction, and the
+    counted / any-mismatch tokens.
     """
     _check_ids(a_ids, "a_ids")
     _check_ids(b_ids, "b_ids")
@@ -114,20 +149,13 @@ def route_agreement(a_ids: Tensor, b_ids: Tensor, mask: Tensor, prefix: str = "m
     inter = (a[..., :, None] == b[..., None, :]).any(-1).sum(-1).double()  # [N, L]
     overlap = torch.where(valid, inter / max(k, 1), 0.0)
 
-    v = valid.double()
-    rows_l = v.sum(0)
-    mism_l = mismatch.double().sum(0)
-    over_l = overlap.sum(0)
-    token_counted = valid.any(-1)
-    out: dict[str, Tensor] = {
-        _agree_key(prefix, "tokens"): token_counted.double().sum(),
+    return RoutingSums({
+        _agree_key(prefix, "tokens"): valid.any(-1).double().sum(),
         _agree_key(prefix, "any_mismatch_tokens"): mismatch.any(-1).double().sum(),
-    }
-    for i in range(num_layers):
-        out[_agree_key(prefix, f"rows/layer_{i}")] = rows_l[i]
-        out[_agree_key(prefix, f"mismatch/layer_{i}")] = mism_l[i]
-        out[_agree_key(prefix, f"overlap/layer_{i}")] = over_l[i]
-    return MetricSums(tok=out)
+        _agree_key(prefix, "rows"): valid.double().sum(0),
+        _agree_key(prefix, "mismatch"): mismatch.double().sum(0),
+        _agree_key(prefix, "overlap"): overlap.sum(0),
+    })
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,7 +170,7 @@ def _selected_mass(probs_full: Tensor, ids: Tensor) -> Tensor:
 
 def router_drift(
     old_probs_full: Tensor, new_probs_full: Tensor, old_ids: Tensor, new_ids: Tensor, mask: Tensor
-) -> MetricSums:
+) -> RoutingSums:
     """Router drift between an old and a new forward of the same tokens.
 
     Args:
@@ -153,8 +181,7 @@ def router_drift(
         KL(old || new) = sum_e p log(p / q) (0 log 0 = 0; q is floored at the float64 tiny so a
         vanished expert gives a large but finite value), and
         mass change = sum_{e in new_ids} q_e - sum_{e in old_ids} p_e.
-    Returns `MetricSums` with per-layer row counts and sums (scope `tok`) and the largest KL
-    (scope `max`).
+    Returns `RoutingSums` with [L] row counts and sums and the largest KL.
     """
     _check_ids(old_ids, "old_ids")
     _check_ids(new_ids, "new_ids")
@@ -181,17 +208,10 @@ def router_drift(
     change = _selected_mass(q, new_ids.detach()) - _selected_mass(p, old_ids.detach())
     change = torch.where(valid, change, 0.0)
 
-    v = valid.double()
-    rows_l, kl_l, ch_l, abs_l = v.sum(0), kl.sum(0), change.sum(0), change.abs().sum(0)
-    out: dict[str, Tensor] = {}
-    for i in range(num_layers):
-        out[f"moe_drift/rows/layer_{i}"] = rows_l[i]
-        out[f"moe_drift/kl_sum/layer_{i}"] = kl_l[i]
-        out[f"moe_drift/mass_change_sum/layer_{i}"] = ch_l[i]
-        out[f"moe_drift/mass_abs_change_sum/layer_{i}"] = abs_l[i]
-    return MetricSums(
-        tok=out, max={"moe_drift/kl_max": _max(torch.where(valid, kl, -math.inf))}
-    )
+    return RoutingSums(
+        {"drift/rows": valid.double().sum(0), "drift/kl_sum": kl.sum(0),
+         "drift/mass_change_sum": change.sum(0), "drift/mass_abs_change_sum": change.abs().sum(0)},
+        {"drift/kl_max": _max(torch.where(valid, kl, -math.inf))})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +225,7 @@ def expert_load(
     num_experts: int,
     probs_full: Optional[Tensor] = None,
     probs: Optional[Tensor] = None,
-) -> MetricSums:
+) -> RoutingSums:
     """Per-layer per-expert assignment counts, and optionally routing confidence and entropy.
 
     Args:
@@ -215,10 +235,10 @@ def expert_load(
         probs_full: [N, L, E] router probability rows, optional (entropy; and confidence when
             `probs` is not given, as the mass of the row on its top-k ids).
         probs: [N, L, k] selected probabilities, optional (confidence = their sum per row).
-    Keys (scope `tok`): `moe_load/layer_{i}/expert_{e}` assignment counts (each counted row adds
-    one to each of its k experts); `moe_conf/layer_{i}/rows|mass_sum` when probabilities are given;
-    `moe_ent/layer_{i}/rows|sum` when `probs_full` is given. Rows whose probabilities are
-    non-finite are left out of confidence / entropy (still counted in the load).
+    Sums: `load` [L, E] assignment counts (each counted row adds one to each of its k experts);
+    `conf/rows`, `conf/mass_sum` [L] when probabilities are given; `ent/rows`, `ent/sum` [L] when
+    `probs_full` is given. Rows whose probabilities are non-finite are left out of confidence /
+    entropy (still counted in the load).
     """
     _check_ids(ids, "ids")
     n, num_layers, k = ids.shape
@@ -234,11 +254,7 @@ def expert_load(
     weight = valid[..., None].expand(n, num_layers, k).reshape(-1).double()
     counts = torch.zeros(num_layers * num_experts, dtype=torch.float64, device=ids.device)
     counts.scatter_add_(0, flat, weight)
-    counts = counts.view(num_layers, num_experts)
-    out: dict[str, Tensor] = {}
-    for i in range(num_layers):
-        for e in range(num_experts):
-            out[f"moe_load/layer_{i}/expert_{e}"] = counts[i, e]
+    out: dict[str, Tensor] = {"load": counts.view(num_layers, num_experts)}
 
     if probs_full is not None:
         if probs_full.shape != (n, num_layers, num_experts):
@@ -250,10 +266,7 @@ def expert_load(
         ok = valid & torch.isfinite(pf).all(-1)
         pf = torch.where(ok[..., None], pf, 0.0)
         ent = torch.where(ok, -torch.xlogy(pf, pf).sum(-1), 0.0)
-        rows_l, ent_l = ok.double().sum(0), ent.sum(0)
-        for i in range(num_layers):
-            out[f"moe_ent/layer_{i}/rows"] = rows_l[i]
-            out[f"moe_ent/layer_{i}/sum"] = ent_l[i]
+        out["ent/rows"], out["ent/sum"] = ok.double().sum(0), ent.sum(0)
 
     if probs is not None or probs_full is not None:
         if probs is not None:
@@ -266,15 +279,12 @@ def expert_load(
             pf = probs_full.detach().double()
             ok = valid & torch.isfinite(pf).all(-1)
             mass = torch.where(ok, _selected_mass(torch.where(ok[..., None], pf, 0.0), ids), 0.0)
-        rows_l, mass_l = ok.double().sum(0), mass.sum(0)
-        for i in range(num_layers):
-            out[f"moe_conf/layer_{i}/rows"] = rows_l[i]
-            out[f"moe_conf/layer_{i}/mass_sum"] = mass_l[i]
-    return MetricSums(tok=out)
+        out["conf/rows"], out["conf/mass_sum"] = ok.double().sum(0), mass.sum(0)
+    return RoutingSums(out)
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. finalize (after MetricSums.reduce) and the load matrix
+# 4. finalize (after RoutingSums.reduce) and the load matrix
 # --------------------------------------------------------------------------------------------------
 
 
@@ -287,114 +297,61 @@ def _nanmean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def _to_floats(d: dict[str, Tensor]) -> dict[str, float]:
-    """All values in one device-to-host copy (there are L * E load keys)."""
-    if not d:
-        return {}
-    keys = list(d)
-    vals = torch.stack([d[k].detach().double().reshape(()) for k in keys]).cpu().tolist()
-    return dict(zip(keys, vals))
-
-
-def load_counts(reduced: MetricSums, num_layers: int, num_experts: int) -> Optional[Tensor]:
-    """[L, E] float64 assignment counts from the `moe_load/...` sums, or None if there are none."""
-    return _counts_from(_to_floats(reduced.tok), num_layers, num_experts)
-
-
-def _counts_from(s: dict[str, float], num_layers: int, num_experts: int) -> Optional[Tensor]:
-    if "moe_load/layer_0/expert_0" not in s:
-        return None
-    return torch.tensor(
-        [
-            [float(s[f"moe_load/layer_{i}/expert_{e}"]) for e in range(num_experts)]
-            for i in range(num_layers)
-        ],
-        dtype=torch.float64,
-    ).view(num_layers, num_experts)
-
-
-def load_matrix(reduced: MetricSums, num_layers: int, num_experts: int) -> Tensor:
+def load_matrix(reduced: RoutingSums) -> Tensor:
     """[L, E] float64 token share of each expert per layer (each row sums to 1); a layer with no
     assignments is a row of NaN. Raises KeyError when the sums hold no load counts."""
-    counts = load_counts(reduced, num_layers, num_experts)
-    if counts is None:
-        raise KeyError("no moe_load/... sums (expert_load was not merged into these metrics)")
+    if "load" not in reduced.sums:
+        raise KeyError("no load counts (expert_load was not merged into these sums)")
+    counts = reduced.sums["load"].detach().double().cpu()
     total = counts.sum(-1, keepdim=True)
     return torch.where(total > 0, counts / total.clamp_min(1.0), math.nan)
 
 
-def finalize_routing(reduced: MetricSums, num_layers: int, num_experts: int) -> dict[str, float]:
-    """Routing metric floats from reduced sums (the caller merges this with
-    `MetricSums.finalize()`). Only the families whose sums are present are reported."""
-    s = _to_floats(reduced.tok)
+def finalize_routing(reduced: RoutingSums) -> dict[str, float]:
+    """Routing metric floats from reduced sums (the caller merges this with the step's other
+    metrics). Only the families whose sums are present are reported."""
+    s = {k: v.detach().double().cpu() for k, v in reduced.sums.items()}
     out: dict[str, float] = {}
-    layers = range(num_layers)
 
-    # route agreement, one family per prefix
-    for key in sorted(s):
+    def per_layer(name: str, num: Tensor, den: Tensor) -> None:
+        """`name` pooled over layers, and `name/layer_i` per layer."""
+        out[name] = _ratio(float(num.sum()), float(den.sum()))
+        for i, (n, d) in enumerate(zip(num.tolist(), den.tolist())):
+            out[f"{name}/layer_{i}"] = _ratio(n, d)
+
+    for key in sorted(s):  # route agreement, one family per prefix
         match = _AGREE_RE.match(key)
         if match is None:
             continue
         prefix = match.group(1)
+        rows = s[_agree_key(prefix, "rows")]
+        out[f"{prefix}_any_layer_mismatch_frac"] = _ratio(
+            float(s[_agree_key(prefix, "any_mismatch_tokens")]), float(s[key]))
+        per_layer(f"{prefix}_topk_mismatch_frac", s[_agree_key(prefix, "mismatch")], rows)
+        per_layer(f"{prefix}_overlap_mean", s[_agree_key(prefix, "overlap")], rows)
 
-        def g(what: str, _p: str = prefix) -> float:
-            return s[_agree_key(_p, what)]
-
-        rows = [g(f"rows/layer_{i}") for i in layers]
-        mism = [g(f"mismatch/layer_{i}") for i in layers]
-        over = [g(f"overlap/layer_{i}") for i in layers]
-        out[f"{prefix}_topk_mismatch_frac"] = _ratio(sum(mism), sum(rows))
-        out[f"{prefix}_overlap_mean"] = _ratio(sum(over), sum(rows))
-        out[f"{prefix}_any_layer_mismatch_frac"] = _ratio(g("any_mismatch_tokens"), g("tokens"))
-        for i in layers:
-            out[f"{prefix}_topk_mismatch_frac/layer_{i}"] = _ratio(mism[i], rows[i])
-            out[f"{prefix}_overlap_mean/layer_{i}"] = _ratio(over[i], rows[i])
-
-    # router drift
-    if "moe_drift/rows/layer_0" in s:
-        rows = [s[f"moe_drift/rows/layer_{i}"] for i in layers]
-        for name, key in (
-            ("moe/router_kl", "kl_sum"),
-            ("moe/selected_mass_change", "mass_change_sum"),
-            ("moe/selected_mass_abs_change", "mass_abs_change_sum"),
-        ):
-            vals = [s[f"moe_drift/{key}/layer_{i}"] for i in layers]
-            out[name] = _ratio(sum(vals), sum(rows))
-            for i in layers:
-                out[f"{name}/layer_{i}"] = _ratio(vals[i], rows[i])
-        if "moe_drift/kl_max" in reduced.max:
-            kl_max = float(reduced.max["moe_drift/kl_max"])
+    if "drift/rows" in s:
+        for name, key in (("moe/router_kl", "kl_sum"), ("moe/selected_mass_change", "mass_change_sum"),
+                          ("moe/selected_mass_abs_change", "mass_abs_change_sum")):
+            per_layer(name, s[f"drift/{key}"], s["drift/rows"])
+        if "drift/kl_max" in reduced.maxima:
+            kl_max = float(reduced.maxima["drift/kl_max"])
             out["moe/router_kl_max"] = kl_max if kl_max > -math.inf else math.nan
 
-    # expert load
-    counts = _counts_from(s, num_layers, num_experts)
-    if counts is not None:
-        cvs, viols = [], []
-        for i in layers:
-            c = counts[i]
-            mean = float(c.mean())
-            if mean > 0:
-                # population std over experts
-                cv = math.sqrt(float(((c - mean) ** 2).mean())) / mean
-                viol = float(c.max()) / mean - 1.0
-            else:
-                cv = viol = math.nan
-            cvs.append(cv)
-            viols.append(viol)
-            out[f"moe/expert_load_cv/layer_{i}"] = cv
-            out[f"moe/expert_load_max_violation/layer_{i}"] = viol
-        out["moe/expert_load_cv"] = _nanmean(cvs)
-        out["moe/expert_load_max_violation"] = _nanmean(viols)
+    if "load" in s:
+        counts = s["load"]
+        mean = counts.mean(-1)
+        busy = mean > 0  # layers that received any assignment
+        cv = torch.where(busy, (counts - mean[:, None]).pow(2).mean(-1).sqrt() / mean, math.nan)
+        violation = torch.where(busy, counts.max(-1).values / mean - 1.0, math.nan)
+        for i, (c, v) in enumerate(zip(cv.tolist(), violation.tolist())):
+            out[f"moe/expert_load_cv/layer_{i}"] = c
+            out[f"moe/expert_load_max_violation/layer_{i}"] = v
+        out["moe/expert_load_cv"] = _nanmean(cv.tolist())
+        out["moe/expert_load_max_violation"] = _nanmean(violation.tolist())
 
-    for name, fam, key in (
-        ("moe/routing_confidence", "moe_conf", "mass_sum"),
-        ("moe/router_entropy", "moe_ent", "sum"),
-    ):
-        if f"{fam}/layer_0/rows" not in s:
-            continue
-        rows = [s[f"{fam}/layer_{i}/rows"] for i in layers]
-        vals = [s[f"{fam}/layer_{i}/{key}"] for i in layers]
-        out[name] = _ratio(sum(vals), sum(rows))
-        for i in layers:
-            out[f"{name}/layer_{i}"] = _ratio(vals[i], rows[i])
+    for name, family, key in (("moe/routing_confidence", "conf", "mass_sum"),
+                              ("moe/router_entropy", "ent", "sum")):
+        if f"{family}/rows" in s:
+            per_layer(name, s[f"{family}/{key}"], s[f"{family}/rows"])
     return out

@@ -47,32 +47,34 @@ def pack_micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, *, pad
     )
 
 
-def assign_groups(response_lengths: Sequence[int], group_ids: Sequence[int],
-                  dp_size: int) -> list[list[int]]:
-    """Indices of a mini-batch's sequences per DP rank: the sequences of one group (one prompt's
-    responses) stay together, so group statistics never cross ranks; every rank gets the same
-    number of groups (one more on the first ranks when they do not divide), so equal-sized groups
-    give every rank as many sequences; within that, groups go largest first to the rank with the
-    fewest response tokens so far (token balance). Each rank's indices keep the mini-batch's
-    order."""
-    groups: dict[int, list[int]] = {}
-    for i, g in enumerate(group_ids):
-        groups.setdefault(g, []).append(i)
-    if len(groups) < dp_size:
-        raise ValueError(f"a mini-batch of {len(groups)} prompt groups cannot feed {dp_size} DP "
-                         f"ranks (a group's responses stay on one rank): give each optimizer step "
-                         f"at least {dp_size} prompts")
-    base, extra = divmod(len(groups), dp_size)
-    capacity = [base + (1 if d < extra else 0) for d in range(dp_size)]
-    tokens = {g: sum(response_lengths[i] for i in members) for g, members in groups.items()}
-    load = [0] * dp_size
-    out: list[list[int]] = [[] for _ in range(dp_size)]
-    for g in sorted(groups, key=lambda g: (-tokens[g], groups[g][0])):
-        rank = min((d for d in range(dp_size) if capacity[d]), key=lambda d: (load[d], d))
-        capacity[rank] -= 1
-        load[rank] += tokens[g]
-        out[rank] += groups[g]
-    return [sorted(part) for part in out]
+class GroupAssigner:
+    """Which DP rank trains each prompt group of a rollout batch, decided as the groups stream in
+    (`rollout_batch.stream_groups`), so that no rank ever holds the batch to sort it. A group (one
+    prompt's responses, or its part in one step) goes whole to the rank with the fewest response
+    tokens in that step so far: group statistics never cross ranks, and each rank's token load
+    ends within one group of the others'. A rank with nothing yet is always the least loaded, so
+    every rank gets a group while there are at least as many groups as ranks."""
+
+    def __init__(self, num_steps: int, dp_size: int) -> None:
+        self.dp_size = dp_size
+        self.tokens = [[0] * dp_size for _ in range(num_steps)]
+        self.groups = [[0] * dp_size for _ in range(num_steps)]
+
+    def assign(self, step: int, response_tokens: int) -> int:
+        load = self.tokens[step]
+        rank = min(range(self.dp_size), key=lambda d: (load[d], self.groups[step][d], d))
+        load[rank] += response_tokens
+        self.groups[step][rank] += 1
+        return rank
+
+    def check(self) -> None:
+        """Every step fed every rank (a rank without sequences cannot take part in the step)."""
+        for step, counts in enumerate(self.groups):
+            if min(counts) == 0:
+                raise ValueError(f"step {step} of the rollout batch has {sum(counts)} prompt "
+                                 f"groups, which cannot feed {self.dp_size} DP ranks (a group's "
+                                 f"responses stay on one rank): give each optimizer step at least "
+                                 f"{self.dp_size} prompts")
 
 
 def micro_batch_cost(lengths: Sequence[int], *, pad_multiple: int, uniform_length: bool) -> int:

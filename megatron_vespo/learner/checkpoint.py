@@ -391,9 +391,24 @@ def _save_strategy():
 # -- save -----------------------------------------------------------------------------------------
 
 
-def save_checkpoint(learner, root: Union[str, Path], extra_state: dict) -> Path:
-    """Write `root/step_{policy_version:08d}/` and point `root/latest` at it. Collective: every
-    rank calls it (with the same `root` and `extra_state`); returns the checkpoint directory."""
+def prune_checkpoints(root: Union[str, Path], keep: int) -> list[str]:
+    """Remove all but the newest `keep` checkpoint directories of `root` (never the one `latest`
+    names); returns the names removed. `keep` 0 keeps all."""
+    root = Path(root)
+    if keep < 1:
+        return []
+    latest = latest_checkpoint(root)
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    doomed = [p for p in steps[:-keep] if p != latest]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in doomed]
+
+
+def save_checkpoint(learner, root: Union[str, Path], extra_state: dict, keep: int = 0) -> Path:
+    """Write `root/step_{policy_version:08d}/`, point `root/latest` at it and keep the newest
+    `keep` checkpoints (0: all). Collective: every rank calls it (with the same `root` and
+    `extra_state`); returns the checkpoint directory."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -433,6 +448,7 @@ def save_checkpoint(learner, root: Union[str, Path], extra_state: dict) -> Path:
         _write_text_atomic(root / LATEST, name + "\n")
         if old.exists():
             shutil.rmtree(old)
+        prune_checkpoints(root, keep)
     _barrier()
     return final
 

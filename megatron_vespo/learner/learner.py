@@ -14,20 +14,20 @@ import math
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..algo.metrics import MetricSums
 from ..algo.policy_losses import Denominators, get_policy_loss
+from ..moe.replay import carried_routes
 from ..parallel.layout import ParallelGroups, ParallelLayout
 from ..parallel.logprobs import vocab_parallel_logprobs
 from ..parallel.megatron_scaling import loss_scale_factor, schedule_loss_output
 from ..parallel.packing import PackedBatch, pad_rows, pad_tail
 from ..parallel.policy_objective import shard_policy_loss
-from ..parallel.step_reduce import all_reduce_over, reduce_step_metrics
-from ..moe.per_batch import PerBatch
+from ..parallel.step_reduce import reduce_step_metrics
 from .model import ModelConfig, build_model_chunks, transformer_config, use_transformer_engine
 
 
@@ -177,9 +177,6 @@ class Learner:
 
         check_learner_settings(model_cfg, layout, loss)
         self.model_cfg, self.layout, self.groups, self.loss = model_cfg, layout, groups, loss
-        # batch -> (old ids [N, L, k], old scores [N, L, E], engine agreement sums or None)
-        self._old_routes = PerBatch()
-        self.last_routing_load: Optional[torch.Tensor] = None  # [L, E] shares of the last step
         self.thd = use_transformer_engine(model_cfg)
         # MoE routing replay (optional): megatron builds its RouterReplay only when it is on.
         if loss.routing_replay != "off":
@@ -217,6 +214,12 @@ class Learner:
                 num_experts=model_cfg.num_experts, topk=model_cfg.num_experts_per_tok,
                 router_order=self._router_order, count_groups=self._sequence_slice_groups(),
                 device=_device())
+        self.routing = None  # MoE routing metrics (megatron_vespo.moe.routing_observer)
+        if loss.routing_metrics:
+            from ..moe.routing_observer import RoutingObserver
+
+            self.routing = RoutingObserver(model_cfg.num_experts, self._router_order,
+                                           self._routing_groups(), _device())
         self.routing_replay = None  # MoE routing replay driver (megatron_vespo.moe.replay)
         if loss.routing_replay != "off":
             from ..moe.replay import RoutingReplay
@@ -352,40 +355,39 @@ class Learner:
 
     @torch.no_grad()
     def recompute_old_logprobs(self, batches: Sequence[PackedBatch],
-                               routes: Optional[Sequence[torch.Tensor]] = None) -> list[PackedBatch]:
+                               ) -> list[PackedBatch]:
         """The batches with old_logp replaced by this policy's log-probs (last pipeline stage; other
         stages get the batches back unchanged, they never compute the loss).
 
         MoE routing replay: with R2 this forward's routes are recorded and attached to the returned
-        batches (train on those); with R3 `routes` (per micro-batch engine routes,
-        `moe.replay.rank_engine_routes`) are replayed.
+        batches (train on those); with R3 the engine routes the batches carry
+        (`PackedBatch.engine_routes`, `moe.replay.attach_engine_routes`) are replayed.
 
         With `routing_metrics` this forward's routes (ids and full router rows) are kept with the
-        returned batches for the drift metrics of `train_step`; given `routes`, the engine's routes
-        are compared with this forward's (`moe/route_*`, reported by the batches' train_step)."""
-        if not self.loss.routing_metrics:
+        returned batches for the drift metrics of `train_step`; when the batches carry engine routes,
+        they are compared with this forward's (`moe/route_*`, reported by the batches' train_step)."""
+        routes = carried_routes(batches)
+        if self.routing is None:
             return self._recompute_dispatch(batches, routes)
         from ..moe.capture import RouterCapture
 
         with RouterCapture(self.chunks, full_scores=True) as cap:
             result = self._recompute_dispatch(batches, routes)
-        self._keep_old_routes(result, cap, routes)
+        self.routing.keep_old(result, cap)
         return result
 
     def batch_caches(self, batches: Sequence[PackedBatch]) -> list:
-        """Per micro-batch, what the old-policy forward left for the training forwards of the same
-        batch objects (routing metrics' old routes, R2's recorded routes): saved with the batches
-        when a checkpoint falls inside a rollout batch, put back by `restore_batch_caches`."""
-        replay = self.routing_replay
-        return [(self._old_routes.get(b), None if replay is None else replay.recorded(b))
-                for b in batches]
+        """Per micro-batch, what the old-policy forward left outside the batch for the training
+        forwards of the same batch objects (the routing metrics' old routes; R2's recorded routes
+        travel inside the batches): saved with the batches when a checkpoint falls inside a rollout
+        batch, put back by `restore_batch_caches`."""
+        routing = self.routing
+        return [None if routing is None else routing.cache(b) for b in batches]
 
     def restore_batch_caches(self, batches: Sequence[PackedBatch], caches: Sequence) -> None:
-        for batch, (old_routes, recorded) in zip(batches, caches):
-            if old_routes is not None:
-                self._old_routes.put(batch, old_routes)
-            if self.routing_replay is not None:
-                self.routing_replay.restore_recorded(batch, recorded)
+        for batch, kept in zip(batches, caches):
+            if self.routing is not None:
+                self.routing.restore(batch, kept)
 
     def _recompute_dispatch(self, batches, routes) -> list[PackedBatch]:
         if self.routing_replay is not None:
@@ -401,49 +403,6 @@ class Learner:
             values, rows=None if self.thd else batch.num_seqs, tp_size=self.layout.tp,
             tp_rank=self.groups.tp_rank, sequence_parallel=self.layout.sequence_parallel)
 
-    def _keep_old_routes(self, batches: Sequence[PackedBatch], cap, routes) -> None:
-        from ..algo.routing import route_agreement
-
-        if routes is not None and len(routes) != len(batches):
-            raise ValueError(f"{len(routes)} engine routes for {len(batches)} micro-batches")
-        for mb, batch in enumerate(batches):
-            ids, scores, _ = cap.stacked(mb)
-            engine = None
-            if routes is not None:
-                r = routes[mb]
-                if r.dim() != 3 or r.shape[0] != batch.num_positions or r.shape[1:] != ids.shape[1:]:
-                    raise ValueError(f"engine routes of shape {tuple(r.shape)} for micro-batch {mb}: "
-                                     f"expected [{batch.num_positions}, {ids.shape[1]}, {ids.shape[2]}]")
-                aligned = self._router_order(r.long().to(ids.device), batch)
-                engine = route_agreement(aligned, ids, self._router_order(
-                    batch.loss_mask, batch).to(ids.device), prefix="moe/route")
-            self._old_routes.put(batch, (ids, scores, engine))
-
-    def _routing_sums(self, batches: Sequence[PackedBatch], cap) -> MetricSums:
-        """This rank's routing sums of one step (captured training forwards of `batches`)."""
-        from ..algo.routing import expert_load, route_agreement, router_drift
-
-        old = [self._old_routes.get(b) for b in batches]
-        have_old = all(o is not None for o in old)
-        have_engine = have_old and all(o[2] is not None for o in old)
-        # Every rank must hold the same key set: agree on what is available.
-        flags = torch.tensor([int(have_old), int(have_engine)], device=_device())
-        all_reduce_over(self._routing_groups(), dist.ReduceOp.MIN)(flags)
-        have_old, have_engine = bool(flags[0]), bool(flags[1])
-        total = MetricSums()
-        for mb, batch in enumerate(batches):
-            ids, scores, _ = cap.stacked(mb)
-            mask = self._router_order(batch.loss_mask, batch).to(ids.device)
-            sums = expert_load(ids, mask, self.model_cfg.num_experts, probs_full=scores)
-            if have_old:
-                old_ids, old_scores, engine = old[mb]
-                sums = sums.merge(route_agreement(old_ids, ids, mask, prefix="moe/drift"))
-                sums = sums.merge(router_drift(old_scores, scores, old_ids, ids, mask))
-                if have_engine:
-                    sums = sums.merge(engine)
-            total = total.merge(sums)
-        return total
-
     def _routing_groups(self) -> list:
         """Groups whose ranks hold different tokens of the same layers: DP x CP, and TP under
         sequence parallelism (each TP rank routes its own sequence slice). EP ranks route all
@@ -457,23 +416,11 @@ class Learner:
         sequence parallelism."""
         return [self.groups.cp] + ([self.groups.tp] if self.layout.sequence_parallel else [])
 
-    def _routing_metrics(self, batches: Sequence[PackedBatch], cap) -> dict[str, float]:
-        from ..algo.routing import finalize_routing, load_matrix
-
-        groups = self._routing_groups()
-        total = all_reduce_over(groups, dist.ReduceOp.SUM)
-        reduced = self._routing_sums(batches, cap).reduce(
-            sum_seq=total, sum_tok=total, max_all=all_reduce_over(groups, dist.ReduceOp.MAX))
-        layers, experts = self.model_cfg.num_hidden_layers, self.model_cfg.num_experts
-        self.last_routing_load = load_matrix(reduced, layers, experts)
-        return finalize_routing(reduced, layers, experts)
-
     def _recompute_with_replay(self, batches, routes) -> list[PackedBatch]:
         replay = self.routing_replay
         try:
-            result = self._recompute_old_logprobs(
-                batches, around_forward=replay.phase(batches, routes, old_policy=True))
-            replay.keep_recorded(result)
+            result = replay.with_recorded(self._recompute_old_logprobs(
+                batches, around_forward=replay.phase(batches, routes, old_policy=True)))
         finally:
             replay.end()
         return result
@@ -498,10 +445,9 @@ class Learner:
                     b.loss_mask, o["logp"][k.to(o["logp"].device)].to(b.old_logp.device), 0.0))
                 for b, o, k in zip(batches, outputs, kept)]
 
-    def train_step(self, batches: Sequence[PackedBatch], denom: Denominators,
-                   routes: Optional[Sequence[torch.Tensor]] = None) -> dict[str, float]:
+    def train_step(self, batches: Sequence[PackedBatch], denom: Denominators) -> dict[str, float]:
         """One optimizer step on this rank's micro-batches; returns the step metrics on every rank.
-        `routes`: per micro-batch engine routes for MoE routing replay R3 (unused otherwise)."""
+        MoE routing replay R3 replays the engine routes the batches carry."""
         start = time.perf_counter()
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -532,14 +478,15 @@ class Learner:
 
         replay = self.routing_replay
         cap = None
-        if self.loss.routing_metrics:
+        if self.routing is not None:
             from ..moe.capture import RouterCapture
 
             cap = RouterCapture(self.chunks, full_scores=True).__enter__()  # no backward recompute
         try:
             self._run_schedule(self._schedule_batches(batches)[0], loss_func, forward_only=False,
                                around_forward=None if replay is None
-                               else replay.phase(batches, routes, old_policy=False),
+                               else replay.phase(batches, carried_routes(batches),
+                                                 old_policy=False),
                                before_forward=before_forward)
         finally:
             if self.aux_loss is not None:
@@ -548,7 +495,7 @@ class Learner:
                 replay.end()
             if cap is not None:
                 cap.__exit__(None, None, None)
-        routing = {} if cap is None else self._routing_metrics(batches, cap)
+        routing = {} if cap is None else self.routing.step_metrics(batches, cap)
         success, grad_norm, _ = self.optimizer.step()
         if grad_norm is None:
             grad_norm = self.optimizer.get_grad_norm()

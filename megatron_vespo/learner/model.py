@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -3,21 +3,24 @@
 A sample is one response to one prompt, as the rollout engine produced it: token ids, the engine's
 log-prob of each response token (the behaviour policy mu), the reward, the policy version that
 generated it and, for MoE models, the experts the engine routed each token to. Offline training
-(`megatron-vespo train CONFIG --rollouts FILE`) replays such files; the rollout fleet writes them.
+(`megatron-vespo train CONFIG --rollouts FILE`) replays such files; the rollout fleet writes them
+(`rollout.record`).
 
 File format: one JSON object per line with the fields of `Sample` (optional ones may be absent).
-Reading validates every line and names the line and field of the first problem.
+Reading validates every line and names the line and field of the first problem. Parquet, the
+format for large files, and the lazy readers of both are in `learner.sample_files`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +69,19 @@ def _same(a, b) -> bool:
         return a is None and b is None or (a is not None and b is not None
                                            and np.array_equal(np.asarray(a), np.asarray(b)))
     return a == b
+
+
+@dataclass
+class RolloutBatch:
+    """A rollout batch as a source hands it to the trainer, on rank 0: its `size` samples arrive
+    as prompt groups (consecutive samples of one prompt), each with its offset in the batch, in
+    any order (as the engine finishes them, or as the file is read). The offset decides the step:
+    mini-batch k (of N = staleness) holds offsets [k size/N, (k+1) size/N). `metrics()` gives the
+    rollout metrics once the groups have run out."""
+
+    size: int
+    groups: Iterator[tuple[int, Sequence[Sample]]]
+    metrics: Callable[[], dict] = dict
 
 
 def route_dtype(num_experts: int) -> np.dtype:
@@ -159,8 +175,14 @@ def validate_sample(raw: dict, where: str, vocab_size: Optional[int] = None,
 
 def read_samples(path: str | os.PathLike, vocab_size: Optional[int] = None,
                  num_experts: Optional[int] = None) -> list[Sample]:
-    """All samples of a JSONL file, validated (token ids against `vocab_size`, routed expert ids
-    against `num_experts` when given); duplicate sample ids are an error."""
+    """All samples of a JSONL file (or of a Parquet one, `learner.sample_files`), validated (token
+    ids against `vocab_size`, routed expert ids against `num_experts` when given); duplicate
+    sample ids are an error."""
+    if Path(path).suffix == ".parquet" or Path(path).is_dir():
+        from .sample_files import open_rollout_file
+
+        rollouts = open_rollout_file(path, vocab_size, num_experts)
+        return list(rollouts.samples(0, rollouts.num_samples))
     samples, seen = [], set()
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -182,8 +204,15 @@ def read_samples(path: str | os.PathLike, vocab_size: Optional[int] = None,
 
 
 def write_samples(path: str | os.PathLike, samples: Iterable[Sample]) -> None:
-    """Write atomically (temp file + rename): a reader never sees a half-written file."""
+    """Write atomically (temp file + rename): a reader never sees a half-written file. A `.parquet`
+    path gets the Parquet format, one row group per run of samples of one group."""
     path = Path(path)
+    if path.suffix == ".parquet":
+        from .sample_files import write_parquet_samples
+
+        write_parquet_samples(path, (list(run) for _, run in itertools.groupby(
+            samples, key=lambda s: s.group_id)))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

@@ -27,6 +27,7 @@ class TrainConfig:
     logprob_chunk_tokens: int = 1024
     output_dir: str = "runs/default"
     save_interval: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 0  # newest checkpoints kept (a 30B-A3B one is ~0.4 TB); 0: all
     world_size: int = 1  # ranks spawned on this machine when not launched by torchrun / srun
     init_hf_checkpoint: Optional[str] = None  # HF directory to start from (else random init)
     # Optimizer steps between expert-load heat-maps (output_dir/routing/step_XXXXXXXX.png; needs
@@ -43,8 +44,8 @@ class TrainConfig:
                      "logprob_chunk_tokens", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_interval", "heatmap_interval", "eval_interval",
-                     "histogram_interval"):
+        for name in ("max_steps", "save_interval", "keep_checkpoints", "heatmap_interval",
+                     "eval_interval", "histogram_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:

@@ -3,9 +3,9 @@ rollout engine's routes) on top of megatron-core's `RouterReplay`, and per-token
 
 from .capture import RouteCapture, RouterCapture
 from .replay import (REPLAY_MODES, RoutingReplay, align_to_router_order, engine_position_routes,
-                     micro_batch_engine_routes, rank_engine_routes, router_order_to_positions,
+                     micro_batch_engine_routes, attach_engine_routes, router_order_to_positions,
                      router_token_positions)
 
 __all__ = ["REPLAY_MODES", "RouteCapture", "RouterCapture", "RoutingReplay", "align_to_router_order",
-           "engine_position_routes", "micro_batch_engine_routes", "rank_engine_routes",
+           "engine_position_routes", "micro_batch_engine_routes", "attach_engine_routes",
            "router_order_to_positions", "router_token_positions"]

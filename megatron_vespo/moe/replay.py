@@ -17,9 +17,9 @@ routes only its contiguous 1/tp slice of s. `align_to_router_order` maps per-pos
 `PackedBatch` ([T_local, ...], the order of `input_ids`) to that router order. R2 recordings are
 already in router order of this rank and are replayed as they were recorded.
 
-Bookkeeping. Recorded routes are attached to the *batch objects* `recompute_old_logprobs` returns
-(weakly keyed by identity, freed with them), so several mini-batches may be recorded before any is
-trained on (the offline loop does so). In a forward step the micro-batch's index and the model chunk
+Bookkeeping. Recorded routes travel inside the batches `recompute_old_logprobs` returns
+(`PackedBatch.old_routes`, int16), so a rollout batch's N mini-batches are all recorded before any
+is trained on and a banked batch keeps them. In a forward step the micro-batch's index and the model chunk
 pick the tensors to feed: `set_target_indices` right before that chunk's forward of that micro-batch
 (REPLAY_FORWARD), while megatron's per-router FIFO (`replay_backward_list`) serves the forwards
 recomputed in backward (REPLAY_BACKWARD): a forward pre-hook on each router selects the action by
@@ -35,6 +35,7 @@ Positions without engine routes (the last token of each sequence, padding) are r
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -42,7 +43,6 @@ from torch import Tensor
 
 from ..learner.samples import Sample
 from ..parallel.packing import PackedBatch, zigzag_index
-from .per_batch import PerBatch
 
 REPLAY_MODES = ("off", "R2", "R3")
 
@@ -63,14 +63,19 @@ def moe_routers(chunk: torch.nn.Module) -> list:
 # -- engine routes -> per-position tensors -> router order ----------------------------------------
 
 def engine_position_routes(sample: Sample, padded_length: int) -> Tensor:
-    """[padded_length, L, k] int64 routes of one sample by packed position; -1 where there are none.
+    """[padded_length, L, k] int16 routes of one sample by packed position; -1 where there are none
+    (int16, not int64: a paper-size share carries its routes through N steps).
 
     SGLang's `routed_experts` row t is the routing of input token t for t < num_tokens - 1 (the last
     token is never fed to the engine's model)."""
     if sample.routed_experts is None:
         raise ValueError(f"sample {sample.sample_id!r} has no routed_experts: routing_replay=R3 needs "
                          "the rollout engine's routes for every sample")
-    routes = torch.as_tensor(sample.routed_experts, dtype=torch.long)
+    routes = torch.as_tensor(sample.routed_experts)
+    if routes.numel() and int(routes.max()) > torch.iinfo(torch.int16).max:
+        raise ValueError(f"sample {sample.sample_id!r}: expert id {int(routes.max())} does not fit "
+                         f"the int16 routes a micro-batch carries")
+    routes = routes.to(torch.int16)
     fed = sample.num_tokens - 1
     if routes.dim() != 3 or routes.shape[0] != fed:
         raise ValueError(f"sample {sample.sample_id!r}: routed_experts has shape {tuple(routes.shape)}, "
@@ -78,7 +83,7 @@ def engine_position_routes(sample: Sample, padded_length: int) -> Tensor:
     if padded_length < sample.num_tokens:
         raise ValueError(f"sample {sample.sample_id!r}: padded length {padded_length} < "
                          f"{sample.num_tokens} tokens")
-    out = torch.full((padded_length,) + tuple(routes.shape[1:]), -1, dtype=torch.long)
+    out = torch.full((padded_length,) + tuple(routes.shape[1:]), -1, dtype=torch.int16)
     out[:fed] = routes
     return out
 
@@ -104,14 +109,20 @@ def micro_batch_engine_routes(samples: Sequence[Sample], batch: PackedBatch, cp_
     return routes
 
 
-def rank_engine_routes(samples: Sequence[Sample], batches: Sequence[PackedBatch],
-                       plan: Sequence[Sequence[int]], cp_rank: int = 0) -> list[Tensor]:
-    """Per micro-batch engine routes of the micro-batches `batches` packed from `plan` (indices
-    into `samples` per micro-batch, `batching.micro_batch_plan`)."""
+def attach_engine_routes(samples: Sequence[Sample], batches: Sequence[PackedBatch],
+                         plan: Sequence[Sequence[int]], cp_rank: int = 0) -> list[PackedBatch]:
+    """The micro-batches `batches` packed from `plan` (indices into `samples` per micro-batch,
+    `batching.micro_batch_plan`), each carrying its engine routes (`PackedBatch.engine_routes`)."""
     if len(plan) != len(batches):
         raise ValueError(f"{len(batches)} micro-batches, but the plan has {len(plan)}")
-    return [micro_batch_engine_routes([samples[i] for i in part], batch, cp_rank)
-            for part, batch in zip(plan, batches)]
+    return [replace(batch, engine_routes=micro_batch_engine_routes(
+                [samples[i] for i in part], batch, cp_rank)) for part, batch in zip(plan, batches)]
+
+
+def carried_routes(batches: Sequence[PackedBatch]) -> Optional[list[Tensor]]:
+    """The engine routes the micro-batches carry, or None unless every one carries them."""
+    routes = [b.engine_routes for b in batches]
+    return None if any(r is None for r in routes) else routes
 
 
 def align_to_router_order(values: Tensor, *, rows: Optional[int], tp_size: int = 1, tp_rank: int = 0,
@@ -177,7 +188,6 @@ class RoutingReplay:
                     raise ValueError("routers were built without moe_enable_routing_replay=True")
         self.thd, self.tp_size, self.tp_rank = thd, tp_size, tp_rank
         self.sequence_parallel, self.cp_rank, self.num_layers = sequence_parallel, cp_rank, num_layers
-        self._recorded = PerBatch()  # batch -> [chunk][router] recorded indices
         self._pending: dict[int, list] = {}
         self._replaying = False
         for routers in self.routers:
@@ -218,8 +228,8 @@ class RoutingReplay:
 
     def _engine_targets(self, batches, routes) -> Callable[[int, int], list[Tensor]]:
         if routes is None or len(routes) != len(batches):
-            raise ValueError("routing_replay=R3: pass the engine routes of every micro-batch "
-                             "(moe.replay.rank_engine_routes)")
+            raise ValueError("routing_replay=R3: every micro-batch must carry its engine routes "
+                             "(moe.replay.attach_engine_routes)")
         cache: dict[int, Tensor] = {}
 
         def targets(chunk: int, mb: int) -> list[Tensor]:
@@ -230,14 +240,11 @@ class RoutingReplay:
         return targets
 
     def _recorded_targets(self, batches) -> Callable[[int, int], list[Tensor]]:
-        found = []
         for i, b in enumerate(batches):
-            indices = self._recorded.get(b)
-            if indices is None:
+            if b.old_routes is None:
                 raise ValueError(f"routing_replay=R2: micro-batch {i} has no recorded routes; train "
                                  "on the batches recompute_old_logprobs returned")
-            found.append(indices)
-        return lambda chunk, mb: found[mb][chunk]
+        return lambda chunk, mb: [t.long() for t in batches[mb].old_routes[chunk]]
 
     def phase(self, batches: Sequence[PackedBatch], routes, *, old_policy: bool):
         """Set up one schedule run; returns (before, after) callbacks."""
@@ -265,21 +272,15 @@ class RoutingReplay:
 
         return before, (lambda chunk, mb: None)
 
-    def keep_recorded(self, batches: Sequence[PackedBatch]) -> None:
-        """After an R2 old-policy run: attach the recorded routes to the returned batch objects."""
+    def with_recorded(self, batches: Sequence[PackedBatch]) -> list[PackedBatch]:
+        """After an R2 old-policy run: the batches carrying the routes it recorded."""
         if self.mode != "R2":
-            return
+            return list(batches)
+        out = []
         for mb, batch in enumerate(batches):
             per_chunk = self._pending.get(mb)
             if per_chunk is None or any(c is None for c in per_chunk):
                 raise RuntimeError(f"routing replay recorded nothing for micro-batch {mb}")
-            self._recorded.put(batch, per_chunk)
-
-    def recorded(self, batch: PackedBatch) -> Optional[list]:
-        """[chunk][router] recorded top-k indices of a batch (router order), or None."""
-        return self._recorded.get(batch)
-
-    def restore_recorded(self, batch: PackedBatch, per_chunk: Optional[list]) -> None:
-        """Attach routes `recorded` returned (for a batch restored from a checkpoint)."""
-        if per_chunk is not None:
-            self._recorded.put(batch, per_chunk)
+            out.append(replace(batch, old_routes=[[t.to(torch.int16) for t in chunk]
+                                                  for chunk in per_chunk]))
+        return out

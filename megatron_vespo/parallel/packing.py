@@ -50,6 +50,13 @@ class PackedBatch:
     response_lengths: Tensor
     advantages: Tensor
     cp_size: int = 1  # > 1 after `cp_shard`: the per-position tensors hold 1/cp of every sequence
+    # MoE: the rollout engine's expert ids per position [T, num_moe_layers, top_k] int16, -1 where
+    # the engine routed nothing (each sequence's last token, padding); R3 replays them and the
+    # routing metrics compare them (`moe.replay.attach_engine_routes`)
+    engine_routes: Optional[Tensor] = None
+    # MoE R2: the old-policy forward's top-k ids, [chunk][router] int16 [N, k] in this rank's router
+    # order, recorded by `Learner.recompute_old_logprobs` and replayed in every training forward
+    old_routes: Optional[list] = None
 
     PER_POSITION = ("input_ids", "target_ids", "loss_mask", "old_logp", "engine_logp",
                     "position_ids", "seq_index")

@@ -1,11 +1,14 @@
-"""Move one data-parallel shard of columns (named tensors) from the source rank to the ranks that
-train it, as raw bytes rather than pickled objects.
+"""Stream column messages (named tensors) from the source rank to the ranks that train them, as
+raw bytes rather than pickled objects.
 
-Rank 0 holds one column dict per DP index. It sends each to that DP index's first rank (point to
-point, over the given gloo group); that rank broadcasts it to the other ranks of its DP index (its
-TP / CP / PP peers). Bytes on rank 0's wire: each shard once. Every message is one header (the
-columns' names, dtypes and shapes, as JSON bytes) and one flat uint8 payload; the receiver takes
-its columns as views of that payload, so the shard is in memory once.
+Rank 0 produces messages one at a time, each addressed to a DP index (a prompt group as it comes
+out of the engine or the file). It sends each to that DP index's first rank (point to point, over
+the given gloo group), which passes it on to the other ranks of its DP index (its TP / CP / PP
+peers) before taking the next; an end marker closes the stream. Rank 0 holds one message in
+transit (plus its own DP index's share); every other rank holds only its own share. Bytes on rank
+0's wire: each message once. A message is one header (the columns' names, dtypes and shapes, as
+JSON bytes) and one flat uint8 payload; the receiver takes its columns as views of that payload,
+so a share is in memory once.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ def unpack_columns(header: Tensor, payload: Tensor) -> Columns:
     return out
 
 
+_END = (torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8))  # no header: the end
+
+
 def _send(header: Tensor, payload: Tensor, dst: int, group) -> None:
     dist.send(torch.tensor([header.numel(), payload.numel()]), dst, group=group)
-    dist.send(header, dst, group=group)
-    dist.send(payload, dst, group=group)
+    if header.numel():
+        dist.send(header, dst, group=group)
+        dist.send(payload, dst, group=group)
 
 
 def _recv(src: int, group) -> tuple[Tensor, Tensor]:
@@ -61,8 +68,9 @@ def _recv(src: int, group) -> tuple[Tensor, Tensor]:
     dist.recv(sizes, src, group=group)
     header = torch.empty(int(sizes[0]), dtype=torch.uint8)
     payload = torch.empty(int(sizes[1]), dtype=torch.uint8)
-    dist.recv(header, src, group=group)
-    dist.recv(payload, src, group=group)
+    if header.numel():
+        dist.recv(header, src, group=group)
+        dist.recv(payload, src, group=group)
     return header, payload
 
 
@@ -73,13 +81,14 @@ def _broadcast(message: Optional[tuple[Tensor, Tensor]], src: int, group) -> tup
     if message is None:
         message = (torch.empty(int(sizes[0]), dtype=torch.uint8),
                    torch.empty(int(sizes[1]), dtype=torch.uint8))
-    for part in message:
-        dist.broadcast(part, src, group=group)
+    if message[0].numel():
+        for part in message:
+            dist.broadcast(part, src, group=group)
     return message
 
 
-class ShardScatter:
-    """The groups one scatter needs, made once (collective over the world): every rank's DP index
+class ShardStream:
+    """The groups a stream needs, made once (collective over the world): every rank's DP index
     and, per DP index, a gloo group of its ranks (the first of them receives from rank 0).
     `control`: a gloo group of the whole world for rank 0's sends (made here when not given)."""
 
@@ -93,23 +102,34 @@ class ShardScatter:
         self.peers = [dist.new_group(m, backend="gloo") for m in self.members]
         self.sent_bytes = 0  # rank 0: payload bytes sent to other DP ranks' first ranks
 
-    def scatter(self, shards: Optional[Iterable[Columns]]) -> Columns:
-        """Rank 0 passes one column dict per DP index, in order (an iterator: one is packed at a
-        time); the others pass None. Every rank returns its own."""
+    def _to_peers(self, message, leader: int):
+        """The DP index's first rank passes `message` on to its peers (they pass None)."""
+        if len(self.members[self.dp_rank]) == 1:
+            return message
+        return _broadcast(message, leader, self.peers[self.dp_rank])
+
+    def stream(self, messages: Optional[Iterable[tuple[int, Columns]]]) -> list[Columns]:
+        """Rank 0 passes an iterable of (DP index, columns), consumed one at a time; the others
+        pass None. Every rank returns the messages addressed to its DP index, in order."""
         me = dist.get_rank()
         leader = self.members[self.dp_rank][0]
-        message = None
+        mine: list[Columns] = []
         if me == 0:
-            for d, shard in enumerate(shards):
-                packed = pack_columns(shard)
+            for d, columns in messages:
+                packed = pack_columns(columns)
                 if self.members[d][0] == 0:
-                    message = packed
+                    mine.append(unpack_columns(*self._to_peers(packed, 0)))
                 else:
                     _send(*packed, dst=self.members[d][0], group=self.control)
                     self.sent_bytes += packed[1].numel()
-        elif me == leader:
-            message = _recv(0, group=self.control)
-        if len(self.members[self.dp_rank]) > 1:
-            message = _broadcast(message if me == leader else None, leader,
-                                 self.peers[self.dp_rank])
-        return unpack_columns(*message)
+            for d in range(self.dp_size):
+                if self.members[d][0] != 0:
+                    _send(*_END, dst=self.members[d][0], group=self.control)
+            self._to_peers(_END, 0)
+            return mine
+        while True:
+            message = _recv(0, group=self.control) if me == leader else None
+            message = self._to_peers(message, leader)
+            if not message[0].numel():
+                return mine
+            mine.append(unpack_columns(*message))

@@ -12,7 +12,9 @@ so floor(j / groups_per_step) <= max_staleness + v: when groups finish in the or
 none is trained more than `max_staleness` versions after the version it started under. Groups that
 fail or are dropped free their slot, which only moves later groups earlier. A straggler that finishes
 long after the groups admitted behind it can still arrive too late; `take` re-checks the bound and
-drops (and counts, `dropped_stale`) any such group, so the guarantee holds for every trained group.
+drops (and counts, `dropped_stale`) any such group, so the guarantee holds for every trained group;
+a dropped group frees its slot too (else a run whose groups all come back stale, as after a resume
+against servers that report an old weight version, would fill its capacity and wait forever).
 
 The buffer holds no I/O: the producer (an asyncio task generating through the fleet) and the
 trainer (the learner loop) share it across threads, under one condition variable.
@@ -64,6 +66,7 @@ class StalenessBuffer:
         self.version = 0  # the trainer's policy version: optimizer steps taken
         self.stats = BufferStats()
         self._running = 0
+        self._filled = 0  # slots of accepted groups: trained or waiting (dropped ones are freed)
         self._ready: deque[Group] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -76,7 +79,7 @@ class StalenessBuffer:
         """Reserve a slot for one new group; returns the version it starts under, or None if
         admission control says wait (or the buffer is closed)."""
         with self._cond:
-            if self._closed or self.stats.accepted + self._running >= self._capacity():
+            if self._closed or self._filled + self._running >= self._capacity():
                 return None
             self._running += 1
             self.stats.admitted += 1
@@ -101,6 +104,7 @@ class StalenessBuffer:
             self._check_running()
             self._running -= 1
             self.stats.accepted += 1
+            self._filled += 1
             self._ready.append(Group(samples, version))
             self._cond.notify_all()
 
@@ -127,6 +131,8 @@ class StalenessBuffer:
                 while self._ready and self.version - self._ready[0].version > self.max_staleness:
                     self._ready.popleft()
                     self.stats.dropped_stale += 1
+                    self._filled -= 1
+                    self._cond.notify_all()  # its slot admits a new group
                 if len(self._ready) >= self.groups_per_step:
                     batch = [self._ready.popleft() for _ in range(self.groups_per_step)]
                     for g in batch:
@@ -162,6 +168,15 @@ class StalenessBuffer:
     def running(self) -> int:
         with self._cond:
             return self._running
+
+    def describe(self) -> str:
+        """The state a stalled trainer needs to see."""
+        with self._cond:
+            return (f"policy version {self.version}, {len(self._ready)} of {self.groups_per_step} "
+                    f"groups ready, {self._running} running, capacity {self._capacity()} slots "
+                    f"({self._filled} filled), {self.stats.accepted} accepted, "
+                    f"{self.stats.dropped_stale} dropped as stale, {self.stats.released} released"
+                    + (", closed" if self._closed else ""))
 
     @property
     def queue_depth(self) -> int:

@@ -1,6 +1,10 @@
 """Batched generation through the fleet's router: n samples per prompt, with per-token engine
 log-probs, weight versions and (MoE) routed experts, surviving the loss of servers mid-batch.
 
+The engine's answer becomes a `Sample` here, the one record a response is from then on up to the
+packed micro-batch: token ids and log-probs as arrays, routes decoded straight into uint8, the
+weight-version spans, finish reason and latency in its metadata; its reward is the source's to give.
+
 One prompt group is one `/generate` request with `sampling_params.n = n`, so a group is always served
 by one server, whole. A request that fails (connection error, HTTP 5xx, timeout, or an aborted
 sample) makes the fleet re-check its servers (dead ones leave the router) and is re-sent whole, up
@@ -23,15 +27,17 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator, Optional, Sequence
 
 import aiohttp
 import numpy as np
 from tqdm import tqdm
 
-from megatron_vespo.rollout.fleet import Fleet
-from megatron_vespo.rollout.routed_experts import decode_routed_experts
+from ..learner.samples import Sample
+from ..tasks.base import Prompt
+from .fleet import Fleet
+from .routed_experts import decode_routed_experts
 
 logger = logging.getLogger(__name__)
 
@@ -73,43 +79,6 @@ class SamplingOptions:
     def sglang_params(self, n: int) -> dict:
         return {"n": n, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": self.top_k, "stop_token_ids": list(self.stop_token_ids)}
-
-
-@dataclass
-class PromptRequest:
-    """One prompt to sample n responses for; metadata rides along to every Generation."""
-
-    group_id: int
-    prompt_ids: list[int]
-    metadata: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class WeightSpan:
-    """Response positions [start, end) were generated with weight version `version`."""
-
-    version: int
-    start: int
-    end: int
-
-
-@dataclass
-class Generation:
-    """One sampled response. engine_logprobs[i] is log p(response_ids[i]) under the engine;
-    routed_experts is [len(prompt_ids) + len(response_ids) - 1, num_moe_layers, top_k] in the
-    smallest integer type of the expert ids (`routed_experts.compact_routes`)."""
-
-    group_id: int
-    sample_index: int
-    prompt_ids: list[int]
-    response_ids: list[int]
-    engine_logprobs: list[float]
-    routed_experts: Optional[np.ndarray]
-    weight_version: int  # the version the sample started with (weight_versions[0].version)
-    weight_versions: list[WeightSpan]
-    finish_reason: str  # "length" | "stop"
-    latency_s: float  # wall time of the request that produced the group
-    metadata: dict
 
 
 @dataclass
@@ -170,7 +139,7 @@ class RolloutClient:
         self._health_lock: Optional[asyncio.Lock] = None
         self._per_server: dict[str, int] = {}  # requests in flight per server URL (direct mode)
 
-    def _payload(self, prompt: PromptRequest) -> dict:
+    def _payload(self, prompt: Prompt) -> dict:
         payload = {"input_ids": list(prompt.prompt_ids), "sampling_params": self.sampling.sglang_params(self.n),
                    "return_logprob": True}
         if self.return_routed_experts:
@@ -226,7 +195,7 @@ class RolloutClient:
         if removed:
             logger.warning("removed dead rollout servers %s; %d left", removed, len(self.fleet.worker_urls))
 
-    async def generate_group(self, session: aiohttp.ClientSession, prompt: PromptRequest) -> list[Generation]:
+    async def generate_group(self, session: aiohttp.ClientSession, prompt: Prompt) -> list[Sample]:
         """n samples for one prompt (one request), re-sent whole on a retriable failure; [] if the
         answer was invalid and on_invalid is "skip"."""
         retries = self.fleet.cfg.max_retries
@@ -256,7 +225,7 @@ class RolloutClient:
             return gens
         raise AssertionError("unreachable")
 
-    def _parse(self, prompt: PromptRequest, body: Any, latency: float) -> list[Generation]:
+    def _parse(self, prompt: Prompt, body: Any, latency: float) -> list[Sample]:
         results = body if isinstance(body, list) else [body]
         if len(results) != self.n:
             raise _InvalidAnswer(f"{len(results)} results for n={self.n}")
@@ -265,7 +234,7 @@ class RolloutClient:
         except (KeyError, TypeError, IndexError) as e:
             raise _InvalidAnswer(f"malformed result ({type(e).__name__}: {e}): {str(body)[:300]}") from None
 
-    def _parse_one(self, prompt: PromptRequest, index: int, result: dict, latency: float) -> Generation:
+    def _parse_one(self, prompt: Prompt, index: int, result: dict, latency: float) -> Sample:
         meta = result["meta_info"]
         finish = meta["finish_reason"]["type"]
         if finish == "abort":  # the server dropped it (shutdown, pause in abort mode, overload)
@@ -292,58 +261,85 @@ class RolloutClient:
                                                self.num_moe_layers, self.num_experts)
             except ValueError as e:  # a payload of the wrong size, expert ids out of range
                 raise _InvalidAnswer(f"sample {index}: {e}") from None
-        spans = [WeightSpan(parse_weight_version(s["version"]), s["start"], s["end"])
+        spans = [[parse_weight_version(s["version"]), s["start"], s["end"]]
                  for s in meta.get("weight_versions") or []]
         if not spans:  # sglang leaves the spans out when the version is not tracked per token
-            version = parse_weight_version(meta["weight_version"])
-            spans = [WeightSpan(version, 0, len(response))]
-        return Generation(prompt.group_id, index, list(prompt.prompt_ids), response, logprobs, routed,
-                          spans[0].version, spans, finish, latency, dict(prompt.metadata))
+            spans = [[parse_weight_version(meta["weight_version"]), 0, len(response)]]
+        # The behaviour version is the one the sample started with; the reward is the source's to
+        # give (NaN until then: an unscored sample cannot reach the advantages unnoticed).
+        return Sample(f"{prompt.group_id}-{index}", prompt.group_id,
+                      np.asarray(prompt.prompt_ids, dtype=np.int32),
+                      np.asarray(response, dtype=np.int32), math.nan,
+                      np.asarray(logprobs, dtype=np.float64), spans[0][0], routed,
+                      {**prompt.metadata, "finish_reason": finish, "latency_s": latency,
+                       "weight_versions": spans})
 
-    async def generate(self, prompts: Sequence[PromptRequest], progress: bool = True) -> list[Generation]:
-        """n samples for every prompt, groups concurrently (at most max_in_flight requests), sorted
-        by (group_id, sample_index). Ends with a fleet health check so that a server that died during
-        the batch (even if the router's own retries hid it) is out before the next one."""
-        ids = [p.group_id for p in prompts]
-        if len(set(ids)) != len(ids):
-            raise ValueError("group_id must be unique within a batch")
+    async def stream(self, prompts: Sequence[Prompt],
+                     replacements: Optional[Iterator[Prompt]] = None,
+                     progress: bool = False) -> AsyncIterator[tuple[int, list[Sample]]]:
+        """(slot, the n samples of prompt `prompts[slot]`) for every prompt, as the groups complete
+        (at most max_in_flight requests at a time). A group skipped as invalid is yielded empty,
+        or, with `replacements`, its slot is given the next replacement prompt (at most
+        len(prompts) times per call). Ends with a fleet health check, so that a server that died
+        during the batch (even if the router's own retries hid it) is out before the next one."""
         self.stats = RolloutStats()
         self._health_lock = asyncio.Lock()  # bound to this call's event loop
         gate = asyncio.Semaphore(self.max_in_flight)
-        results: dict[tuple[int, int], Generation] = {}
         start = time.perf_counter()
+        budget = len(prompts)  # replacements allowed
 
-        async def one(session: aiohttp.ClientSession, prompt: PromptRequest) -> list[Generation]:
+        async def one(session, slot: int, prompt: Prompt):
             async with gate:
-                return await self.generate_group(session, prompt)
+                return slot, prompt, await self.generate_group(session, prompt)
 
         connector = aiohttp.TCPConnector(limit=self.max_in_flight)
         async with aiohttp.ClientSession(connector=connector) as session:
-            tasks = [asyncio.create_task(one(session, p)) for p in prompts]
+            tasks = {asyncio.create_task(one(session, i, p)) for i, p in enumerate(prompts)}
             try:
                 with tqdm(total=len(prompts), desc="rollout", unit="group", disable=not progress) as bar:
-                    for done in asyncio.as_completed(tasks):
-                        for g in await done:
-                            key = (g.group_id, g.sample_index)
-                            if key in results:
-                                raise RolloutError(f"sample {key} generated twice")
-                            results[key] = g
-                        self.stats.wall_time_s = time.perf_counter() - start
-                        bar.update(1)
-                        bar.set_postfix(tok_s=f"{self.stats.tokens_per_s:.0f}",
-                                        retried=self.stats.requests_retried)
+                    while tasks:
+                        done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            slot, prompt, gens = task.result()
+                            self.stats.wall_time_s = time.perf_counter() - start
+                            if not gens and replacements is not None:
+                                if budget == 0:
+                                    raise RolloutError(f"{self.stats.groups_skipped} groups skipped "
+                                                       f"as invalid for {len(prompts)} prompts")
+                                budget -= 1
+                                tasks.add(asyncio.create_task(
+                                    one(session, slot, next(replacements))))
+                                continue
+                            bar.update(1)
+                            bar.set_postfix(tok_s=f"{self.stats.tokens_per_s:.0f}",
+                                            retried=self.stats.requests_retried)
+                            yield slot, gens
             finally:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         self.stats.wall_time_s = time.perf_counter() - start
         await self._check_health()
+
+    async def generate(self, prompts: Sequence[Prompt], progress: bool = True) -> list[Sample]:
+        """n samples for every prompt (groups skipped as invalid left out), sorted by (group_id,
+        sample_index)."""
+        ids = [p.group_id for p in prompts]
+        if len(set(ids)) != len(ids):
+            raise ValueError("group_id must be unique within a batch")
+        results: dict[tuple[int, int], Sample] = {}
+        async for _, gens in self.stream(prompts, progress=progress):
+            for index, g in enumerate(gens):
+                key = (g.group_id, index)
+                if key in results:
+                    raise RolloutError(f"sample {key} generated twice")
+                results[key] = g
         expected = self.n * (len(prompts) - self.stats.groups_skipped)
         if len(results) != expected:
             raise RolloutError(f"{len(results)} samples for {len(prompts)} prompts x n={self.n} "
                                f"({self.stats.groups_skipped} groups skipped)")
         return [results[k] for k in sorted(results)]
 
-    def generate_batch(self, prompts: Sequence[PromptRequest], progress: bool = True) -> list[Generation]:
+    def generate_batch(self, prompts: Sequence[Prompt], progress: bool = True) -> list[Sample]:
         """`generate` from synchronous code (starts and closes its own event loop)."""
         return asyncio.run(self.generate(prompts, progress))

@@ -2,6 +2,10 @@
 
 Its own session (process group), so that stopping it also stops the children it starts (sglang's
 scheduler and detokenizer); output appended to a log file whose tail goes into every error.
+
+A service never outlives the process that started it: a watchdog process holds the read end of a
+pipe whose write end only the owner has. When the owner dies, however it dies (kill -9 included),
+the pipe closes and the watchdog stops the service's process group (SIGTERM, SIGKILL after 10 s).
 """
 
 from __future__ import annotations
@@ -9,9 +13,30 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+
+# Waits for EOF on stdin (the owner died or released it), then stops process group argv[1].
+_WATCHDOG = """
+import os, signal, sys, time
+sys.stdin.buffer.read()
+group = int(sys.argv[1])
+for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        break
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+        time.sleep(0.2)
+"""
 
 
 class SessionProcess:
@@ -25,6 +50,8 @@ class SessionProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(env or {})}, start_new_session=True)
+        self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(self.proc.pid)],
+                                          stdin=subprocess.PIPE, start_new_session=True)
 
     @property
     def alive(self) -> bool:
@@ -58,10 +85,17 @@ class SessionProcess:
         except ProcessLookupError:
             pass
 
+    def _release_watchdog(self) -> None:
+        """The service is stopped: the watchdog exits (it finds nothing left to stop)."""
+        if self._watchdog.stdin is not None and not self._watchdog.stdin.closed:
+            self._watchdog.stdin.close()
+        self._watchdog.wait()
+
     def kill(self) -> None:
         """SIGKILL the process group at once (what a crash looks like to the fleet)."""
         self._signal(signal.SIGKILL)
         self.proc.wait()
+        self._release_watchdog()
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the process group; SIGKILL whatever is left after grace_s (children may outlive
@@ -74,3 +108,4 @@ class SessionProcess:
                 pass
         self._signal(signal.SIGKILL)
         self.proc.wait()
+        self._release_watchdog()

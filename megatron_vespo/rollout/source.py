@@ -20,15 +20,16 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence
 
 import aiohttp
 import numpy as np
 
-from ..learner.samples import Sample
+from ..learner.samples import RolloutBatch, Sample
+from ..tasks.base import Prompt
 from .buffer import BufferClosed, StalenessBuffer
-from .client import Generation, PromptRequest, RolloutClient, SamplingOptions
+from .client import RolloutClient, SamplingOptions
 from .fleet import FleetConfig
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,18 @@ class RolloutConfig:
     max_staleness: int = 1  # versions a trained sample may lag the policy
     partial_rollout: str = "finish"
     sync_interval: int = 1  # optimizer steps between weight syncs (sync mode: every rollout batch)
+    wait_timeout_s: float = 3600.0  # a step waiting longer for its groups fails, naming the state
     # how weights reach the fleet: disk (HF export + /update_weights_from_disk) or distributed
     # (bucketed broadcast from learner rank 0; NCCL on GPUs, gloo on CPU)
     weight_sync: str = "disk"
     weight_bucket_mb: int = 512
+    # distributed: the address the servers reach learner rank 0 at for the weight-update group
+    # (e.g. the InfiniBand interface's); None: this host's name, resolved
+    weight_sync_address: Optional[str] = None
     on_invalid: str = "skip"  # a group with non-finite/misaligned log-probs: skip (counted) or raise
+    # write every rollout batch, as it streams to the learners, to RUN_DIR/rollouts/vXXXXXXXX.parquet
+    # (the policy version it started at); `train --rollouts RUN_DIR/rollouts` replays them
+    record: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("partial_rollout", PARTIAL_ROLLOUT),
@@ -65,31 +73,34 @@ class RolloutConfig:
         for name in ("n_samples_per_prompt", "max_in_flight", "sync_interval", "weight_bucket_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.wait_timeout_s > 0:
+            raise ValueError(f"wait_timeout_s must be > 0, got {self.wait_timeout_s}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
 
 
-def to_samples(gens: Sequence[Generation], reward: Callable[[dict, list[int]], float]) -> list[Sample]:
-    """Rewarded Samples from one or more groups of generations (order kept); token ids and
-    log-probs become arrays here, so a held rollout batch has no per-token Python objects."""
-    out = []
-    for g in gens:
-        out.append(Sample(
-            sample_id=f"{g.group_id}-{g.sample_index}", group_id=g.group_id,
-            prompt_ids=np.asarray(g.prompt_ids, dtype=np.int32),
-            response_ids=np.asarray(g.response_ids, dtype=np.int32),
-            reward=float(reward(g.metadata, g.response_ids)),
-            engine_logprobs=np.asarray(g.engine_logprobs, dtype=np.float64),
-            policy_version=g.weight_version,
-            routed_experts=g.routed_experts,
-            metadata={**g.metadata, "finish_reason": g.finish_reason, "latency_s": g.latency_s,
-                      "weight_versions": [[s.version, s.start, s.end] for s in g.weight_versions]}))
-    return out
+def rewarded(samples: Sequence[Sample], reward: Callable[[dict, list[int]], float]) -> list[Sample]:
+    """The engine's samples with the task's reward (their arrays shared, not copied)."""
+    return [replace(s, reward=float(reward(s.metadata, s.response_ids))) for s in samples]
 
 
-def _requests(prompts: Iterator, count: int) -> list[PromptRequest]:
-    return [PromptRequest(p.group_id, list(p.prompt_ids), dict(p.metadata))
-            for p in itertools.islice(prompts, count)]
+def _sync_iter(agen: AsyncIterator):
+    """An async generator's items from synchronous code: each `next` runs a private event loop
+    until the next item (the engine keeps generating meanwhile; answers wait in their sockets)."""
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()
+
+
+def _requests(prompts: Iterator[Prompt], count: int) -> list[Prompt]:
+    return list(itertools.islice(prompts, count))
 
 
 class RolloutSource:
@@ -105,21 +116,30 @@ class RolloutSource:
         self.buffer: Optional[StalenessBuffer] = None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
-        self._retry: list[PromptRequest] = []  # prompts of dropped partial rollouts, served first
+        self._retry: list[Prompt] = []  # prompts of dropped partial rollouts, served first
         self._dropped_partial = 0
         self._tokens = 0
         self._since = time.perf_counter()
 
     # -- synchronous mode ------------------------------------------------------------------------
-    def rollout_batch(self, num_prompts: int) -> tuple[list[Sample], dict[str, float]]:
-        """Generate n responses for the next `num_prompts` prompts; returns samples + metrics."""
+    def rollout_batch(self, num_prompts: int) -> RolloutBatch:
+        """The n responses to each of the next `num_prompts` prompts, streamed: each group (offset
+        = its prompt's slot x n) as the engine finishes it; a group skipped as invalid gives its
+        slot to the next prompt (counted in rollout/groups_skipped). Rollout metrics once done."""
         # The trainer's progress bar reports rollout tokens/s; a second bar per batch would be noise.
-        gens = self.client.generate_batch(_requests(self.prompts, num_prompts), progress=False)
+        n = self.cfg.n_samples_per_prompt
+        requests = _requests(self.prompts, num_prompts)
+        replacements = (_requests(self.prompts, 1)[0] for _ in itertools.count())
+        groups = ((slot * n, rewarded(gens, self.reward)) for slot, gens in
+                  _sync_iter(self.client.stream(requests, replacements)))
+        return RolloutBatch(num_prompts * n, groups, self._batch_metrics)
+
+    def _batch_metrics(self) -> dict[str, float]:
         stats = self.client.stats
-        return to_samples(gens, self.reward), {
-            "rollout/tokens_per_s": stats.tokens_per_s, "rollout/tokens": float(stats.tokens_generated),
-            "rollout/seconds": stats.wall_time_s, "rollout/requests_retried": float(stats.requests_retried),
-            "rollout/groups_skipped": float(stats.groups_skipped)}
+        return {"rollout/tokens_per_s": stats.tokens_per_s, "rollout/tokens": float(stats.tokens_generated),
+                "rollout/seconds": stats.wall_time_s,
+                "rollout/requests_retried": float(stats.requests_retried),
+                "rollout/groups_skipped": float(stats.groups_skipped)}
 
     def evaluate(self, prompts: Sequence, max_new_tokens: Optional[int] = None) -> dict[str, float]:
         """Greedy (temperature 0), one response per held-out prompt: mean reward and length."""
@@ -129,7 +149,7 @@ class RolloutSource:
         client = RolloutClient(self.client.fleet, sampling, n=1, max_in_flight=self.cfg.max_in_flight,
                                on_invalid="skip")
         gens = client.generate_batch(_requests(iter(prompts), len(prompts)), progress=False)
-        samples = to_samples(gens, self.reward)
+        samples = rewarded(gens, self.reward)
         n = max(len(samples), 1)
         return {"eval/reward": sum(s.reward for s in samples) / n,
                 "eval/response_tokens": sum(len(s.response_ids) for s in samples) / n,
@@ -144,7 +164,7 @@ class RolloutSource:
                                         daemon=True)
         self._thread.start()
 
-    def _next_prompt(self) -> PromptRequest:
+    def _next_prompt(self) -> Prompt:
         if self._retry:
             return self._retry.pop(0)
         return _requests(self.prompts, 1)[0]
@@ -172,7 +192,7 @@ class RolloutSource:
                 t.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def _one(self, session: aiohttp.ClientSession, prompt: PromptRequest, version: int) -> None:
+    async def _one(self, session: aiohttp.ClientSession, prompt: Prompt, version: int) -> None:
         """Generate, reward and queue one group; every outcome frees or fills its slot."""
         buffer = self.buffer
         try:
@@ -180,12 +200,13 @@ class RolloutSource:
             if not gens:  # an invalid answer, skipped and counted by the client
                 buffer.release()
                 return
-            if self.cfg.partial_rollout == "drop" and any(len(g.weight_versions) > 1 for g in gens):
+            if self.cfg.partial_rollout == "drop" and any(len(g.metadata["weight_versions"]) > 1
+                                                          for g in gens):
                 self._dropped_partial += 1
                 self._retry.append(prompt)
                 buffer.release()
                 return
-            samples = to_samples(gens, self.reward)
+            samples = rewarded(gens, self.reward)
         except asyncio.CancelledError:
             buffer.release()
             raise
@@ -196,17 +217,21 @@ class RolloutSource:
             return
         self._tokens += sum(len(g.response_ids) for g in gens)
         # The behaviour policy is the oldest weights that sampled any of the group's tokens.
-        buffer.accept(samples, min(version, *(g.weight_version for g in gens)))
+        buffer.accept(samples, min(version, *(g.policy_version for g in gens)))
 
-    def take(self) -> tuple[list[Sample], dict[str, float]]:
-        """The next step's samples (async mode) and rollout metrics, including the lag histogram."""
+    def take(self) -> RolloutBatch:
+        """The next step's groups (async mode, already in the buffer) and rollout metrics,
+        including the lag histogram."""
         buffer = self.buffer
         before = Counter(buffer.stats.lag_histogram)
         try:
-            groups = buffer.take()
+            groups = buffer.take(timeout=self.cfg.wait_timeout_s)
         except BufferClosed:
             raise self._error or RuntimeError("the rollout producer stopped") from None
-        samples = [s for g in groups for s in g.samples]
+        if groups is None:
+            raise RuntimeError(f"no step's groups after rollout.wait_timeout_s="
+                               f"{self.cfg.wait_timeout_s:g}: {buffer.describe()}")
+        offsets = np.cumsum([0] + [len(g.samples) for g in groups]).tolist()
         lags = [buffer.version - g.version for g in groups]
         now = time.perf_counter()
         metrics = {"rollout/tokens_per_s": self._tokens / max(now - self._since, 1e-9),
@@ -220,7 +245,8 @@ class RolloutSource:
         metrics.update({f"staleness/lag_hist/{lag}": float(step_hist.get(lag, 0))
                         for lag in range(self.cfg.max_staleness + 1)})
         self._tokens, self._since = 0, now
-        return samples, metrics
+        return RolloutBatch(offsets[-1], zip(offsets, (g.samples for g in groups)),
+                            lambda: metrics)
 
     def advance(self) -> None:
         """The learners took an optimizer step."""

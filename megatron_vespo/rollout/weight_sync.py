@@ -79,6 +79,15 @@ def check_versions(urls: Sequence[str], version: int) -> None:
                           f"another weight_version: {wrong}")
 
 
+def name_version(urls: Sequence[str], version: int) -> None:
+    """Servers started from the learner's weights serve them as `version` (SGLang names weights
+    loaded at start-up "default"; a resumed run's staleness would read them as version 0)."""
+    if urls:
+        _each(urls, lambda url: post_json(url, "/update_weight_version",
+                                          {"new_version": str(version), "abort_all_requests": False}))
+        check_versions(urls, version)
+
+
 def paused_update(urls: Sequence[str], version: int, update: Callable[[], None],
                   pause_mode: str = "retract") -> None:
     """Pause every server, flush its cache, run `update`, check the version, resume.

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from ..ports import EPHEMERAL_LOW, SGLANG_PORTS
+
 # Every job takes a block of this many consecutive ports: rendezvous, router, then one per server.
 PORTS_PER_JOB = 16
 MAX_SERVERS_PER_NODE = PORTS_PER_JOB - 2
@@ -31,7 +33,11 @@ class SlurmConfig:
     gpus_per_node: int = 8  # both components; 0 on a cluster without GPUs
     # torchrun ranks per learner node; 0: one per GPU (required > 0 when gpus_per_node is 0).
     ranks_per_node: int = 0
-    cpus_per_task: int = 8  # CPUs of each learner node's torchrun (shared by its ranks)
+    # CPUs of each learner node's torchrun, shared by its ranks; 0: 8 per rank
+    cpus_per_task: int = 0
+    # Whole nodes (GPU jobs share nothing well) with all their memory; mem None: Slurm's default.
+    exclusive: bool = True
+    mem: Optional[str] = "0"
     rollout_nodes: int = 1
     # SGLang servers per fleet node; each gets gpus_per_node / servers_per_node GPUs (its TP group).
     servers_per_node: int = 1
@@ -44,17 +50,18 @@ class SlurmConfig:
     # `NAME=VALUE` exported before any step starts; VALUE is shell text ($SCRATCH expands).
     env: tuple[str, ...] = ()
     # Each job's ports are port_base + (job id % port_slots) * 16, ... + 15: deterministic from the
-    # job id, so nothing is hard-coded, and distinct for jobs sharing a node.
-    port_base: int = 20000
-    port_slots: int = 2000
+    # job id, so nothing is hard-coded, and distinct for jobs sharing a node. The block stays below
+    # the ephemeral range and SGLang's NCCL port band (`megatron_vespo.ports`).
+    port_base: int = 10000
+    port_slots: int = 750
     fleet_timeout_s: int = 1800  # how long the learners wait for the router and servers' /health
 
     def __post_init__(self) -> None:
-        for name in ("learner_nodes", "rollout_nodes", "servers_per_node", "cpus_per_task",
-                     "cpus_per_server", "port_slots", "fleet_timeout_s"):
+        for name in ("learner_nodes", "rollout_nodes", "servers_per_node", "cpus_per_server",
+                     "port_slots", "fleet_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("gpus_per_node", "ranks_per_node"):
+        for name in ("gpus_per_node", "ranks_per_node", "cpus_per_task"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.gpus_per_node == 0 and self.ranks_per_node == 0:
@@ -68,10 +75,19 @@ class SlurmConfig:
         if not _TIME_LIMIT.match(self.time_limit):
             raise ValueError(f"time_limit={self.time_limit!r} is not a Slurm time "
                              "(M, H:M:S, D-H, D-H:M:S)")
-        if not 1024 <= self.port_base or self.port_base + self.port_slots * PORTS_PER_JOB > 65536:
+        top = self.port_base + self.port_slots * PORTS_PER_JOB  # one past the last port
+        if not 1024 <= self.port_base or top > EPHEMERAL_LOW or (
+                self.port_base < SGLANG_PORTS.stop and top > SGLANG_PORTS.start):
             raise ValueError(f"port_base ({self.port_base}) + port_slots ({self.port_slots}) * "
-                             f"{PORTS_PER_JOB} must stay within 1024..65535")
-        for name in ("partition", "account", "qos", "job_name", "container_image", "container_mounts"):
+                             f"{PORTS_PER_JOB} = ports {self.port_base}..{top - 1} must stay within "
+                             f"1024..{EPHEMERAL_LOW - 1} (the ephemeral range starts at "
+                             f"{EPHEMERAL_LOW}) and outside SGLang's NCCL ports "
+                             f"{SGLANG_PORTS.start}..{SGLANG_PORTS.stop - 1}")
+        if self.cpus_per_task and self.cpus_per_task < self.nproc_per_node:
+            raise ValueError(f"cpus_per_task ({self.cpus_per_task}) gives the {self.nproc_per_node} "
+                             f"learner ranks of a node less than one CPU each")
+        for name in ("partition", "account", "qos", "job_name", "container_image", "container_mounts",
+                     "mem"):
             value = getattr(self, name)
             if value is not None and (not value.strip() or any(c.isspace() for c in value)):
                 raise ValueError(f"{name}={value!r} must be a non-empty word without whitespace")
@@ -86,6 +102,11 @@ class SlurmConfig:
     def nproc_per_node(self) -> int:
         """torchrun ranks on each learner node."""
         return self.ranks_per_node or self.gpus_per_node
+
+    @property
+    def learner_cpus(self) -> int:
+        """CPUs of each learner node's torchrun."""
+        return self.cpus_per_task or 8 * self.nproc_per_node
 
     @property
     def gpus_per_server(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import PORTS_PER_JOB, SlurmConfig
@@ -116,18 +117,20 @@ def default_server_command(config_path: str, run_dir: str) -> tuple[str, ...]:
 
 
 def default_learner_program(config_path: str, run_dir: str) -> tuple[str, ...]:
-    """What torchrun starts on every learner rank."""
-    return ("-m", "megatron_vespo.cli", "train", config_path, "--run-dir", run_dir)
+    """What torchrun starts on every learner rank: a resubmitted (or requeued) job continues from
+    the run's checkpoint, a first one starts fresh (`--resume` without a checkpoint)."""
+    return ("-m", "megatron_vespo.cli", "train", config_path, "--run-dir", run_dir, "--resume")
 
 
 def _header(slurm: SlurmConfig, run_dir: str) -> list[str]:
     """#SBATCH lines: job-wide options, component 0, `hetjob`, component 1."""
-    shared = [f"--time={slurm.time_limit}"]
+    shared = [f"--time={slurm.time_limit}", *(["--exclusive"] if slurm.exclusive else []),
+              *([f"--mem={slurm.mem}"] if slurm.mem is not None else [])]
     shared += [f"--{name}={getattr(slurm, name)}" for name in ("partition", "account", "qos")
                if getattr(slurm, name) is not None]
     gpus = [f"--gpus-per-node={slurm.gpus_per_node}"] if slurm.gpus_per_node else []
     learners = [f"--nodes={slurm.learner_nodes}", "--ntasks-per-node=1",
-                f"--cpus-per-task={slurm.cpus_per_task}", *gpus]
+                f"--cpus-per-task={slurm.learner_cpus}", *gpus]
     fleet = [f"--nodes={slurm.rollout_nodes}", f"--ntasks-per-node={slurm.servers_per_node}",
              f"--cpus-per-task={slurm.cpus_per_server}", *gpus]
     job = [f"--job-name={slurm.job_name}", f"--output={run_dir}/slurm-%j.out"]
@@ -137,32 +140,45 @@ def _header(slurm: SlurmConfig, run_dir: str) -> list[str]:
     return lines
 
 
-def _container_flags(slurm: SlurmConfig) -> list[str]:
-    flags = []
-    if slurm.container_image:
-        flags.append(f"--container-image={shlex.quote(slurm.container_image)}")
-    if slurm.container_mounts:
-        flags.append(f"--container-mounts={shlex.quote(slurm.container_mounts)}")
+def _container_flags(slurm: SlurmConfig, visible: Sequence[str]) -> list[str]:
+    """pyxis flags: the image, and the configured mounts plus a same-path mount of every directory
+    in `visible` (the run directory, the config's, the model's and the data's) not already under
+    a mounted one, so the job's steps see what the config names."""
+    if not slurm.container_image:
+        return []
+    mounts = [m for m in (slurm.container_mounts or "").split(",") if m]
+    targets = [m.split(":")[1] if ":" in m else m for m in mounts]
+    for path in dict.fromkeys(visible):
+        if not any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets):
+            mounts.append(f"{path}:{path}")
+            targets.append(path)
+    flags = [f"--container-image={shlex.quote(slurm.container_image)}"]
+    if mounts:
+        flags.append(f"--container-mounts={shlex.quote(','.join(mounts))}")
     return flags
 
 
 def render_sbatch(slurm: SlurmConfig, config_path: str, run_dir: str, *,
                   server_command: Optional[Sequence[str]] = None,
-                  learner_program: Optional[Sequence[str]] = None) -> str:
+                  learner_program: Optional[Sequence[str]] = None,
+                  mounts: Sequence[str] = ()) -> str:
     """The sbatch script for `slurm`, training `config_path` into `run_dir` (best absolute: the
-    steps run on other nodes, in the job's working directory or a container)."""
+    steps run on other nodes, in the job's working directory or a container). `mounts`: absolute
+    directories the container must see besides the run directory (the model's, the data's)."""
     for name, path in (("config_path", config_path), ("run_dir", run_dir)):
         if not path or any(c.isspace() for c in path):
             raise ValueError(f"{name}={path!r}: sbatch cannot take a path with whitespace")
     server_command = server_command or default_server_command(config_path, run_dir)
     learner_program = learner_program or default_learner_program(config_path, run_dir)
     gpus = slurm.gpus_per_server
+    visible = [d for d in (run_dir, str(Path(config_path).parent), *mounts) if d.startswith("/")]
+    container = _container_flags(slurm, visible)
     # --gpus-per-task also binds each task to its own GPUs (its TP group).
     server_srun = [f"--cpus-per-task={slurm.cpus_per_server}",
-                   *([f"--gpus-per-task={gpus}"] if gpus else []), *_container_flags(slurm)]
-    learner_srun = [f"--cpus-per-task={slurm.cpus_per_task}",
+                   *([f"--gpus-per-task={gpus}"] if gpus else []), *container]
+    learner_srun = [f"--cpus-per-task={slurm.learner_cpus}",
                     *([f"--gres=gpu:{slurm.gpus_per_node}"] if slurm.gpus_per_node else []),
-                    *_container_flags(slurm)]
+                    *container]
     exports = [f"export {item}" for item in slurm.env]
     values = {
         "CONFIG": config_path,

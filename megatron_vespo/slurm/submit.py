@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from .config import SlurmConfig
 from .render import render_sbatch
@@ -66,7 +66,7 @@ def wait_for(job_id: str, timeout: float, poll: float = 1.0) -> str:
 
 
 def slurm_submit(config_path: Union[str, Path], slurm_cfg: SlurmConfig, run_dir: Union[str, Path],
-                 dry_run: bool = False) -> tuple[Path, Optional[str]]:
+                 dry_run: bool = False, mounts: Sequence[str] = ()) -> tuple[Path, Optional[str]]:
     """Write `run_dir/job.sbatch` for training `config_path` and submit it (not when `dry_run`).
 
     Paths are made absolute: the job's steps run on other nodes, possibly inside a container. The
@@ -77,7 +77,7 @@ def slurm_submit(config_path: Union[str, Path], slurm_cfg: SlurmConfig, run_dir:
     if not config.is_file():
         raise ValueError(f"config {config_path}: no such file")
     run = Path(run_dir).resolve()
-    script = render_sbatch(slurm_cfg, str(config), str(run))
+    script = render_sbatch(slurm_cfg, str(config), str(run), mounts=mounts)
     run.mkdir(parents=True, exist_ok=True)
     script_path = run / SCRIPT_NAME
     script_path.write_text(script)

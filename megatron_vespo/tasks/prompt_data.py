@@ -120,6 +120,19 @@ def _check_answer(answer: Any, key: str, where: str) -> str:
     return str(answer)
 
 
+def check_prompt_file(path: str | os.PathLike, config: PromptDataConfig) -> int:
+    """Every row of a prompt file has a usable prompt and answer (the fields named by `config`),
+    checked without tokenising; returns the row count. PromptDataError names the row and field."""
+    rows = 0
+    for where, row in read_rows(path):
+        _check_prompt(get_field(row, config.prompt_key, where), config.prompt_key, where)
+        _check_answer(get_field(row, config.answer_key, where), config.answer_key, where)
+        rows += 1
+    if not rows:
+        raise PromptDataError(f"{path}: no rows")
+    return rows
+
+
 def encode_prompt(tokenizer: Any, prompt: str | list[dict], use_chat_template: bool,
                   where: str = "prompt") -> list[int]:
     """Token ids of a prompt: chat template (with the generation prompt) when `use_chat_template`

@@ -60,6 +60,11 @@ _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 _SOURCE_DIR = Path(__file__).resolve().parent  # its git commit is the code this run executes
 
 
+# URI schemes of MLflow tracking stores (a database URI may carry a driver: postgresql+psycopg2)
+TRACKING_SCHEMES = frozenset({"http", "https", "file", "sqlite", "postgresql", "mysql", "mssql",
+                              "databricks", "databricks-uc"})
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     """Where and how a run is tracked (the `tracking` section of the config)."""
@@ -83,6 +88,10 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if self.uri is not None and not self.uri.strip():
             raise ValueError("uri must be a tracking URI or null (local sqlite store), got ''")
+        scheme = (self.uri or "").partition("://")[0] if "://" in (self.uri or "") else None
+        if scheme is not None and scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise ValueError(f"uri={self.uri!r}: MLflow cannot track to {scheme}://; use one of "
+                             f"{sorted(TRACKING_SCHEMES)} (or a local path)")
         if not self.experiment.strip():
             raise ValueError("experiment must be a non-empty name")
         if self.run_name is not None and not self.run_name.strip():
@@ -327,14 +336,20 @@ class Tracker:
             return
         self._closed = True
         self._outbox.append({"kind": "end", "status": status})
+        if self.flush(wait_s):
+            log.warning("MLflow: %d tracking request(s) not sent; they stay in %s and are sent "
+                        "when this run directory is resumed or flushed (megatron-vespo tracking "
+                        "flush)", len(self._outbox), self._outbox.path)
+
+    def flush(self, wait_s: float = 0.0) -> int:
+        """Send what the outbox holds (an earlier session's buffered requests included), retrying
+        for up to `wait_s` seconds while the store is down; returns how many are left."""
         deadline = time.monotonic() + wait_s
         self._pump(force=True)
         while len(self._outbox) and time.monotonic() < deadline:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             self._pump(force=True)
-        if len(self._outbox):
-            log.warning("MLflow: %d tracking request(s) not sent; they stay in %s and are sent "
-                        "when this run directory is resumed", len(self._outbox), self._outbox.path)
+        return len(self._outbox)
 
     def __enter__(self) -> "Tracker":
         return self

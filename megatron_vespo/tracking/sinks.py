@@ -6,6 +6,8 @@ heat-maps and weight/phi histograms when due, and a progress bar."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +41,35 @@ def _progress_fields(m: dict) -> dict:
             "grad": f"{m.get('grad_norm', float('nan')):.3g}"}
 
 
+def rewind(path: Path, step: int) -> int:
+    """Drop the rows of a per-step JSONL file after `step` (rewritten atomically); returns how many
+    steps were dropped. A run resumed from step N trains steps N+1.. again, so its history keeps
+    each step once: the one that led to the weights it continues from."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class RunSinks:
-    """Everything rank 0 writes about the steps of a run (`config`: the resolved `Config`)."""
+    """Everything rank 0 writes about the steps of a run (`config`: the resolved `Config`). A
+    resumed run's JSONL files are first rewound to its checkpoint's step (`rewind`)."""
 
     def __init__(self, config: Any, run_dir: Path, resume: bool, start_step: int) -> None:
         self.config, self.run_dir = config, Path(run_dir)
+        if resume:
+            dropped = max(rewind(self.run_dir / name, start_step)
+                          for name in ("metrics.jsonl", "samples_consumed.jsonl"))
+            if dropped:
+                print(f"[megatron-vespo] dropped {dropped} logged step(s) after step {start_step} "
+                      f"from {self.run_dir}'s history: they are trained again", file=sys.stderr,
+                      flush=True)
         self.jsonl = JsonlMetrics(self.run_dir / "metrics.jsonl")
         self._consumed = open(self.run_dir / "samples_consumed.jsonl", "a")
         self.tracker = start_tracker(config.tracking, self.run_dir, config, resume=resume)
@@ -56,10 +82,10 @@ class RunSinks:
         self._consumed.write(json.dumps({"step": step, "sample_ids": sample_ids}) + "\n")
         self._consumed.flush()
         cfg = self.config.train
-        if cfg.heatmap_interval and step % cfg.heatmap_interval == 0 \
-                and learner.last_routing_load is not None:
+        load = learner.routing.last_load if learner.routing is not None else None
+        if cfg.heatmap_interval and step % cfg.heatmap_interval == 0 and load is not None:
             path = self.run_dir / "routing" / f"step_{step:08d}.png"
-            write_load_heatmap(learner.last_routing_load, path, title=f"expert load, step {step}")
+            write_load_heatmap(load, path, title=f"expert load, step {step}")
             self.tracker.log_artifact(path, "routing")
         if cfg.histogram_interval and step % cfg.histogram_interval == 0:
             values = weight_histogram_values(learner.chunks)
