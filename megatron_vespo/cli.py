@@ -136,14 +136,14 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError("algorithm.routing_replay=R3 replays the engine's routes: set "
                              "rollout.fleet.server.enable_routed_experts=true")
         rank_fn, fn_args = train_online_rank, (config, args.resume)
-    last = _run_locked(config, rank_fn, fn_args)
+    last = _run_locked(config, args.resume, rank_fn, fn_args)
     if last:
         print(f"finished at policy version {int(last['policy_version'])}: loss {last['loss']:+.5f}, "
               f"reward {last.get('reward/mean', float('nan')):.3f}; run directory {config.train.output_dir}")
     return 0
 
 
-def _run_locked(config, rank_fn, fn_args) -> dict:
+def _run_locked(config, resume: bool, rank_fn, fn_args) -> dict:
     """Rank 0's result of `rank_fn` on every rank, the run directory locked for the run (under
     torchrun / srun only rank 0 takes the lock)."""
     from .launch import run_ranks
@@ -152,7 +152,7 @@ def _run_locked(config, rank_fn, fn_args) -> dict:
     locked = int(os.environ.get("RANK", "0")) == 0
     with RunDirLock(config.train.output_dir) if locked else contextlib.nullcontext():
         if locked:
-            _refuse_a_used_run_dir(Path(config.train.output_dir), resume=fn_args[-1])
+            _refuse_a_used_run_dir(Path(config.train.output_dir), resume)
         return run_ranks(rank_fn, config.train.world_size, *fn_args)[0]
 
 

@@ -119,7 +119,7 @@ def prepare_rollout_batch(learner: Learner, config: Config, share: RankShare, st
     minis = []
     # R3 replays the engine's routes; routing metrics compare them with the old-policy forward's
     # when every sample of this share carries them (the ranks agree on what they report in
-    # `Learner._routing_sums`).
+    # `moe.routing_observer.RoutingObserver`).
     with_routes = algo.routing_replay == "R3" or (
         algo.routing_metrics and cfg.old_logprobs == "recompute"
         and all(s.routed_experts is not None for s in share.samples))
