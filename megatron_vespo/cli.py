@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rollouts", help="train offline on recorded samples instead of the fleet: a "
                                       ".jsonl or .parquet file, or a directory of .parquet files "
                                       "(see megatron_vespo/learner/sample_files.py)")
-    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint (fresh when there is "
-                   "none); without it a directory that holds a run is refused")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the run's latest checkpoint (fresh when there is none); "
+                        "without it a directory that holds a run is refused")
     t.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
     t.set_defaults(func=train)
     s = sub.add_parser("serve", help="run this node's SGLang server (and the router) of a Slurm fleet")
