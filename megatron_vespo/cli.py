@@ -114,16 +114,13 @@ def train(args: argparse.Namespace) -> int:
         check_hf_checkpoint(config.train.init_hf_checkpoint, config.model)
     if args.rollouts:
         from .learner.sample_files import open_rollout_file
-        from .offline import train_offline_rank
+        from .offline import count_batches, train_offline_rank
 
         # Check the file before any rank starts: one clear error, not N tracebacks (a JSONL file
         # is validated whole; a Parquet file by its schema, ids and statistics, rows as read).
         rollouts = open_rollout_file(args.rollouts, vocab_size=config.model.vocab_size,
                                      num_experts=config.model.num_experts or None)
-        if rollouts.num_samples < config.train.rollout_batch_size:
-            raise ValueError(f"{args.rollouts} has {rollouts.num_samples} samples, fewer than one "
-                             f"rollout batch (train.rollout_batch_size="
-                             f"{config.train.rollout_batch_size})")
+        count_batches(rollouts, args.rollouts, config.train.rollout_batch_size)
         if config.algorithm.routing_replay == "R3" and rollouts.rows_without_routes:
             raise ValueError(f"algorithm.routing_replay=R3 replays the engine's routes, but "
                              f"{rollouts.rows_without_routes} samples of {args.rollouts} have no "

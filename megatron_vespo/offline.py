@@ -20,6 +20,16 @@ from .learner.samples import RolloutBatch, Sample
 from .trainer import build_learner, train_rank
 
 
+def count_batches(rollouts, path: str, size: int) -> tuple[int, int]:
+    """(full rollout batches of `size` samples, trailing samples left over) of an opened rollout
+    file; fewer samples than one batch is an error naming the file."""
+    batches, leftover = divmod(rollouts.num_samples, size)
+    if not batches:
+        raise ValueError(f"{path} has {rollouts.num_samples} samples, fewer than one rollout batch "
+                         f"(train.rollout_batch_size={size})")
+    return batches, leftover
+
+
 def file_groups(samples: Iterator[Sample], size: int, mini: int) -> Iterator[tuple[int, list[Sample]]]:
     """(offset, samples) of each run of one group id among a batch's `size` samples. A run longer
     than a mini-batch of `mini` samples is an error: its advantages would span several steps and
@@ -50,10 +60,7 @@ class FileSource:
         if rank == 0:
             self.file = open_rollout_file(rollouts, vocab_size=config.model.vocab_size,
                                           num_experts=config.model.num_experts or None)
-            self.num_batches, leftover = divmod(self.file.num_samples, self.size)
-            if not self.num_batches:
-                raise ValueError(f"the rollout file has {self.file.num_samples} samples, fewer than "
-                                 f"one rollout batch (train.rollout_batch_size={self.size})")
+            self.num_batches, leftover = count_batches(self.file, rollouts, self.size)
             if leftover:
                 print(f"[megatron-vespo] {leftover} trailing samples do not fill a rollout batch "
                       f"and are not trained on", file=sys.stderr)

@@ -55,6 +55,20 @@ _AGREE_RE = re.compile(r"^agree\[(.+)\]/tokens$")
 Reducer = Callable[[Tensor], Tensor]
 
 
+def _through_flat(d: dict[str, Tensor], fn: Reducer) -> dict[str, Tensor]:
+    """`fn` applied once to all of `d` laid end to end as float64 (names sorted, so every rank
+    lays them out alike), split back into the same names and shapes."""
+    if not d:
+        return {}
+    keys = sorted(d)
+    flat = fn(torch.cat([d[k].detach().double().reshape(-1) for k in keys]))
+    out, at = {}, 0
+    for k in keys:
+        out[k] = flat[at:at + d[k].numel()].view(d[k].shape)
+        at += d[k].numel()
+    return out
+
+
 @dataclass
 class RoutingSums:
     """Routing statistics of some tokens: `sums` name -> tensor ([L], [L, E] or []) that add over
@@ -72,21 +86,13 @@ class RoutingSums:
         return RoutingSums(sums, maxima)
 
     def reduce(self, sum_all: Reducer, max_all: Reducer) -> "RoutingSums":
-        """Over ranks: every sum in one flat float64 collective, every maximum in another (names
-        sorted, so every rank lays them out alike)."""
+        """Over ranks: every sum in one flat float64 collective, every maximum in another."""
+        return RoutingSums(_through_flat(self.sums, sum_all), _through_flat(self.maxima, max_all))
 
-        def apply(d: dict[str, Tensor], fn: Reducer) -> dict[str, Tensor]:
-            if not d:
-                return {}
-            keys = sorted(d)
-            flat = fn(torch.cat([d[k].detach().double().reshape(-1) for k in keys]))
-            out, at = {}, 0
-            for k in keys:
-                out[k] = flat[at:at + d[k].numel()].view(d[k].shape)
-                at += d[k].numel()
-            return out
-
-        return RoutingSums(apply(self.sums, sum_all), apply(self.maxima, max_all))
+    def cpu(self) -> "RoutingSums":
+        """On the host, in one device-to-host copy per kind (finalising reads every value)."""
+        return RoutingSums(_through_flat(self.sums, Tensor.cpu),
+                           _through_flat(self.maxima, Tensor.cpu))
 
 
 def _check_ids(ids: Tensor, name: str) -> None:

@@ -354,8 +354,7 @@ class Learner:
     # -- public API -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def recompute_old_logprobs(self, batches: Sequence[PackedBatch],
-                               ) -> list[PackedBatch]:
+    def recompute_old_logprobs(self, batches: Sequence[PackedBatch]) -> list[PackedBatch]:
         """The batches with old_logp replaced by this policy's log-probs (last pipeline stage; other
         stages get the batches back unchanged, they never compute the loss).
 

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .samples import REQUIRED, Sample, SampleError, route_dtype, validate_sample
+from .samples import REQUIRED, Sample, SampleError, jsonl_rows, parse_line, route_dtype
 
 ROUTES_KEY = b"megatron_vespo.routes"  # schema metadata: [num_moe_layers, top_k] as JSON
 
@@ -76,7 +76,8 @@ def _group_table(samples: Sequence[Sample], route_type):
 class ParquetSampleWriter:
     """Writes prompt groups to a Parquet rollout file, one row group each, as they come; the file
     appears under its name only when `close()` succeeds (a reader never sees a half-written one).
-    Routes are stored in the type of `num_experts` (default: of the first routed sample)."""
+    Routes are stored in the type of `num_experts` (default: of the first routed sample). As a
+    context manager it closes on success and aborts (no file) on any exception."""
 
     def __init__(self, path: str | os.PathLike, num_experts: Optional[int] = None) -> None:
         self.path, self.num_experts = Path(path), num_experts
@@ -111,33 +112,33 @@ class ParquetSampleWriter:
             self.writer.close()
         self.tmp.unlink(missing_ok=True)
 
+    def __enter__(self) -> "ParquetSampleWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
 
 def write_parquet_samples(path: str | os.PathLike, groups: Iterable[Sequence[Sample]],
                           num_experts: Optional[int] = None) -> None:
     """Write prompt groups to a Parquet rollout file (`ParquetSampleWriter`)."""
-    writer = ParquetSampleWriter(path, num_experts)
-    try:
+    with ParquetSampleWriter(path, num_experts) as writer:
         for group in groups:
             writer.write(group)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def recorded(groups: Iterable[tuple[int, Sequence[Sample]]], path: str | os.PathLike,
              num_experts: Optional[int] = None) -> Iterator[tuple[int, Sequence[Sample]]]:
     """`groups` passed through, each also written to the Parquet file `path` (`rollout.record`);
-    the file is complete once they have run out, and absent if they never do."""
-    writer = ParquetSampleWriter(path, num_experts)
-    try:
+    the file is complete once they have run out, and absent if they never do (a generator closed
+    early aborts it)."""
+    with ParquetSampleWriter(path, num_experts) as writer:
         for offset, group in groups:
             writer.write(group)
             yield offset, group
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 class JsonlRolloutFile:
@@ -147,45 +148,23 @@ class JsonlRolloutFile:
         self.path, self.vocab_size, self.num_experts = path, vocab_size, num_experts
         self.offsets: list[int] = []
         self.rows_without_routes = 0
-        seen: set[str] = set()
-        for number, (offset, line) in enumerate(self._lines(0), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            sample = self._parse(line, where)
-            if sample.sample_id in seen:
-                raise SampleError(f"{where}: duplicate sample_id {sample.sample_id!r}")
-            seen.add(sample.sample_id)
+        for offset, sample in jsonl_rows(path, vocab_size, num_experts):
             self.offsets.append(offset)
             self.rows_without_routes += sample.routed_experts is None
-        if not self.offsets:
-            raise SampleError(f"{path}: no samples")
 
     @property
     def num_samples(self) -> int:
         return len(self.offsets)
 
-    def _lines(self, offset: int) -> Iterator[tuple[int, bytes]]:
-        """(byte offset, line) from `offset` on."""
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            for line in f:
-                yield offset, line
-                offset += len(line)
-
-    def _parse(self, line: bytes, where: str) -> Sample:
-        try:
-            raw = json.loads(line, parse_constant=float)  # NaN/Infinity allowed
-        except json.JSONDecodeError as e:
-            raise SampleError(f"{where}: not valid JSON ({e.msg})") from None
-        return validate_sample(raw, where, self.vocab_size, self.num_experts)
-
     def samples(self, start: int, stop: int) -> Iterator[Sample]:
         if start >= stop:
             return
-        lines = (line for _, line in self._lines(self.offsets[start]) if line.strip())
-        for row in range(start, stop):
-            yield self._parse(next(lines), f"{self.path} row {row}")
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[start])
+            lines = (line for line in f if line.strip())
+            for row in range(start, stop):
+                yield parse_line(next(lines), f"{self.path} row {row}", self.vocab_size,
+                                 self.num_experts)
 
 
 class ParquetRolloutFile:

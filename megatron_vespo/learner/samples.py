@@ -183,24 +183,38 @@ def read_samples(path: str | os.PathLike, vocab_size: Optional[int] = None,
 
         rollouts = open_rollout_file(path, vocab_size, num_experts)
         return list(rollouts.samples(0, rollouts.num_samples))
-    samples, seen = [], set()
-    with open(path) as f:
+    return [sample for _, sample in jsonl_rows(path, vocab_size, num_experts)]
+
+
+def parse_line(line: str | bytes, where: str, vocab_size: Optional[int] = None,
+               num_experts: Optional[int] = None) -> Sample:
+    """One JSONL record, validated (`validate_sample`); errors name `where`."""
+    try:
+        raw = json.loads(line, parse_constant=float)  # NaN/Infinity allowed
+    except json.JSONDecodeError as e:
+        raise SampleError(f"{where}: not valid JSON ({e.msg})") from None
+    return validate_sample(raw, where, vocab_size, num_experts)
+
+
+def jsonl_rows(path: str | os.PathLike, vocab_size: Optional[int] = None,
+               num_experts: Optional[int] = None) -> Iterator[tuple[int, Sample]]:
+    """(byte offset of its line, sample) for every record of a JSONL file, validated; a duplicate
+    sample id or a file without samples is an error naming the line."""
+    seen: set[str] = set()
+    offset = 0
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                raw = json.loads(line, parse_constant=lambda c: float(c))  # NaN/Infinity allowed
-            except json.JSONDecodeError as e:
-                raise SampleError(f"{where}: not valid JSON ({e.msg})") from None
-            sample = validate_sample(raw, where, vocab_size, num_experts)
+            sample = parse_line(line, where, vocab_size, num_experts)
             if sample.sample_id in seen:
                 raise SampleError(f"{where}: duplicate sample_id {sample.sample_id!r}")
             seen.add(sample.sample_id)
-            samples.append(sample)
-    if not samples:
+            yield start, sample
+    if not seen:
         raise SampleError(f"{path}: no samples")
-    return samples
 
 
 def write_samples(path: str | os.PathLike, samples: Iterable[Sample]) -> None:

@@ -89,6 +89,6 @@ class RoutingObserver:
         `cap`), identical on every rank."""
         reduced = self._sums(batches, cap).reduce(
             all_reduce_over(self.token_groups, dist.ReduceOp.SUM),
-            all_reduce_over(self.token_groups, dist.ReduceOp.MAX))
+            all_reduce_over(self.token_groups, dist.ReduceOp.MAX)).cpu()
         self.last_load = load_matrix(reduced)
         return finalize_routing(reduced)

@@ -230,11 +230,13 @@ class RolloutClient:
         if len(results) != self.n:
             raise _InvalidAnswer(f"{len(results)} results for n={self.n}")
         try:
-            return [self._parse_one(prompt, i, r, latency) for i, r in enumerate(results)]
+            prompt_ids = np.asarray(prompt.prompt_ids, dtype=np.int32)  # shared by the group
+            return [self._parse_one(prompt, prompt_ids, i, r, latency) for i, r in enumerate(results)]
         except (KeyError, TypeError, IndexError) as e:
             raise _InvalidAnswer(f"malformed result ({type(e).__name__}: {e}): {str(body)[:300]}") from None
 
-    def _parse_one(self, prompt: Prompt, index: int, result: dict, latency: float) -> Sample:
+    def _parse_one(self, prompt: Prompt, prompt_ids: np.ndarray, index: int, result: dict,
+                   latency: float) -> Sample:
         meta = result["meta_info"]
         finish = meta["finish_reason"]["type"]
         if finish == "abort":  # the server dropped it (shutdown, pause in abort mode, overload)
@@ -267,8 +269,7 @@ class RolloutClient:
             spans = [[parse_weight_version(meta["weight_version"]), 0, len(response)]]
         # The behaviour version is the one the sample started with; the reward is the source's to
         # give (NaN until then: an unscored sample cannot reach the advantages unnoticed).
-        return Sample(f"{prompt.group_id}-{index}", prompt.group_id,
-                      np.asarray(prompt.prompt_ids, dtype=np.int32),
+        return Sample(f"{prompt.group_id}-{index}", prompt.group_id, prompt_ids,
                       np.asarray(response, dtype=np.int32), math.nan,
                       np.asarray(logprobs, dtype=np.float64), spans[0][0], routed,
                       {**prompt.metadata, "finish_reason": finish, "latency_s": latency,

@@ -99,10 +99,6 @@ def _sync_iter(agen: AsyncIterator):
         loop.close()
 
 
-def _requests(prompts: Iterator[Prompt], count: int) -> list[Prompt]:
-    return list(itertools.islice(prompts, count))
-
-
 class RolloutSource:
     """Rank 0's view of rollout: a client on the fleet, the task's prompts and reward."""
 
@@ -128,10 +124,9 @@ class RolloutSource:
         slot to the next prompt (counted in rollout/groups_skipped). Rollout metrics once done."""
         # The trainer's progress bar reports rollout tokens/s; a second bar per batch would be noise.
         n = self.cfg.n_samples_per_prompt
-        requests = _requests(self.prompts, num_prompts)
-        replacements = (_requests(self.prompts, 1)[0] for _ in itertools.count())
+        requests = list(itertools.islice(self.prompts, num_prompts))
         groups = ((slot * n, rewarded(gens, self.reward)) for slot, gens in
-                  _sync_iter(self.client.stream(requests, replacements)))
+                  _sync_iter(self.client.stream(requests, replacements=self.prompts)))
         return RolloutBatch(num_prompts * n, groups, self._batch_metrics)
 
     def _batch_metrics(self) -> dict[str, float]:
@@ -148,7 +143,7 @@ class RolloutSource:
             stop_token_ids=self.cfg.sampling.stop_token_ids)
         client = RolloutClient(self.client.fleet, sampling, n=1, max_in_flight=self.cfg.max_in_flight,
                                on_invalid="skip")
-        gens = client.generate_batch(_requests(iter(prompts), len(prompts)), progress=False)
+        gens = client.generate_batch(list(prompts), progress=False)
         samples = rewarded(gens, self.reward)
         n = max(len(samples), 1)
         return {"eval/reward": sum(s.reward for s in samples) / n,
@@ -167,7 +162,7 @@ class RolloutSource:
     def _next_prompt(self) -> Prompt:
         if self._retry:
             return self._retry.pop(0)
-        return _requests(self.prompts, 1)[0]
+        return next(self.prompts)
 
     async def _produce(self) -> None:
         buffer = self.buffer
