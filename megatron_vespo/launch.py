@@ -54,16 +54,23 @@ def _shutdown() -> None:
             dist.destroy_process_group()
 
 
+# What a rank gets when its launcher dies. Not SIGTERM: the kernel sends the parent-death signal
+# each time a thread of the dying launcher exits (measured: twice for one kill -9), and a second
+# SIGTERM means "abort now" to the trainer (`trainer.StopRequest`), which treats repeats of this
+# one as the same request.
+PARENT_DEATH_SIGNAL = signal.SIGUSR1
+
+
 def _die_with(parent: int) -> None:
-    """SIGTERM to this rank when the launcher `parent` dies, however it dies (Linux's parent-death
-    signal): the rank stops after its current step with a checkpoint, as on Ctrl-C, and stops
-    what it started (the fleet) instead of training on unwatched."""
+    """PARENT_DEATH_SIGNAL to this rank when the launcher `parent` dies, however it dies (Linux's
+    parent-death signal): the rank stops after its current step with a checkpoint, as on Ctrl-C,
+    and stops what it started (the fleet) instead of training on unwatched."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, PARENT_DEATH_SIGNAL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the launcher's own cleanup is all there is
         return
     if os.getppid() != parent:  # it died before the signal was armed
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
 
 
 def _child(rank, world_size, port, fn, args, out_dir, parent):

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from .config import Config
 from .learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .launch import PARENT_DEATH_SIGNAL
 from .learner.learner import Learner
 from .parallel.transport import ShardStream
 from .learner.samples import RolloutBatch
@@ -95,12 +96,14 @@ class SampleSource(Protocol):
 
 class StopRequest:
     """SIGINT/SIGTERM set a flag instead of raising, so the loop can stop between steps; a second
-    signal raises KeyboardInterrupt at once."""
+    one raises KeyboardInterrupt at once. The launcher's death (`launch.PARENT_DEATH_SIGNAL`, which
+    may arrive several times for one death) only sets the flag."""
 
     def __init__(self) -> None:
         self.requested = False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
+        signal.signal(PARENT_DEATH_SIGNAL, self._orphaned)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -108,6 +111,12 @@ class StopRequest:
         self.requested = True
         print(f"[megatron-vespo] {signal.Signals(signum).name}: stopping after this step with a "
               f"checkpoint (again to abort)", file=sys.stderr, flush=True)
+
+    def _orphaned(self, signum, frame) -> None:
+        if not self.requested:
+            self.requested = True
+            print("[megatron-vespo] the launcher died: stopping after this step with a checkpoint",
+                  file=sys.stderr, flush=True)
 
 
 def broadcast_object(obj: Any, group) -> Any:

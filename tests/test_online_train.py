@@ -164,7 +164,10 @@ def test_kill_9_of_the_launcher_leaves_no_process_and_the_run_resumes(tmp_path):
     second trainer into the live run directory is refused by name; `--resume` takes the run over."""
     import psutil
 
-    config, run_dir = _config(tmp_path, train={"max_steps": 200, "save_interval": 1,
+    # No periodic checkpoints: the one found afterwards is the stop the launcher's death asked for
+    # (the kernel sent SIGTERM once per thread of the dead launcher, and the second aborted the
+    # rank without one).
+    config, run_dir = _config(tmp_path, train={"max_steps": 200, "save_interval": 0,
                                                 "eval_interval": 0}), tmp_path / "run"
     proc, cmd = _start(config, run_dir, 1)
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
