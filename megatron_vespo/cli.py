@@ -135,7 +135,7 @@ def train(args: argparse.Namespace) -> int:
         rank_fn, fn_args = train_online_rank, (config, args.resume)
     last = _run_locked(config, args.resume, rank_fn, fn_args)
     if last:
-        print(f"finished at policy version {int(last['policy_version'])}: loss {last['loss']:+.5f}, "
+        print(f"policy version {int(last['policy_version'])}: loss {last['loss']:+.5f}, "
               f"reward {last.get('reward/mean', float('nan')):.3f}; run directory {config.train.output_dir}")
     return 0
 
@@ -235,6 +235,18 @@ def tracking_flush(args: argparse.Namespace) -> int:
     return 1 if left else 0
 
 
+def stop(args: argparse.Namespace) -> int:
+    """Ask the run's trainer to stop after its current step with a checkpoint."""
+    from .stop_request import request_stop
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / ".lock").exists():
+        raise ValueError(f"{run_dir} is not a run directory (no trainer ever locked it)")
+    path = request_stop(run_dir, args.reason)
+    print(f"wrote {path}: the trainer stops after its current step with a checkpoint")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-vespo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     fl.add_argument("run_dir", help="the run directory")
     fl.add_argument("--wait", type=float, default=10.0, help="seconds to retry an unreachable store")
     fl.set_defaults(func=tracking_flush)
+    st = sub.add_parser("stop", help="stop a running training after its current step, with a "
+                        "checkpoint (from any host that sees the run directory)")
+    st.add_argument("run_dir", help="the run directory")
+    st.add_argument("--reason", default="megatron-vespo stop", help="printed by the trainer")
+    st.set_defaults(func=stop)
     # KEY=VALUE overrides may follow options (`train CFG --resume train.max_steps=6`), which plain
     # argparse does not allow for a positional list: collect the stragglers here.
     args, extra = parser.parse_known_args(argv)

@@ -11,8 +11,9 @@ does what follows a batch (a weight sync to the fleet when due). Evaluation (whe
 one) every `train.eval_interval` steps; checkpoints every `train.save_interval` steps, also inside
 a rollout batch: each rank's prepared share of the batch is then persisted in the run's rollout
 bank first, and `--resume` continues at the exact next step without regenerating or recomputing
-anything. SIGINT/SIGTERM (Ctrl-C, scancel, a Slurm time limit) stop at the next step with a
-checkpoint.
+anything. SIGINT/SIGTERM (Ctrl-C) and the run's stop file (`RUN_DIR/stop_request`: written by
+`megatron-vespo stop RUN_DIR`, or by a Slurm job's batch script when its time limit is near) stop
+the run after the current step with a checkpoint.
 
 The checkpoint cursor (`extra_state`): {"source": the source's own state, "kernel": the adapted
 kernel constants, "bank": {"key", "next_step"} when the checkpoint falls inside a batch}.
@@ -39,6 +40,7 @@ from .learner.samples import RolloutBatch
 from .rollout_batch import (BatchTally, PreparedBatch, RankShare, kernel_state,
                             prepare_rollout_batch, restore_kernel, stream_groups,
                             train_prepared_step)
+from .stop_request import STOP_FILE, take_stop_request
 from .tracking.sinks import RunSinks
 
 
@@ -97,10 +99,12 @@ class SampleSource(Protocol):
 class StopRequest:
     """SIGINT/SIGTERM set a flag instead of raising, so the loop can stop between steps; a second
     one raises KeyboardInterrupt at once. The launcher's death (`launch.PARENT_DEATH_SIGNAL`, which
-    may arrive several times for one death) only sets the flag."""
+    may arrive several times for one death) only sets the flag. `stop_file` (rank 0's, None on the
+    others) sets it too, and is removed once seen: the request is answered."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: Optional[Path] = None) -> None:
         self.requested = False
+        self.stop_file = stop_file
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
         signal.signal(PARENT_DEATH_SIGNAL, self._orphaned)
@@ -118,18 +122,23 @@ class StopRequest:
             print("[megatron-vespo] the launcher died: stopping after this step with a checkpoint",
                   file=sys.stderr, flush=True)
 
+    def pending(self, group) -> bool:
+        """Collective over `group`: whether any rank was asked to stop."""
+        reason = take_stop_request(self.stop_file) if self.stop_file and not self.requested else None
+        if reason is not None:
+            self.requested = True
+            print(f"[megatron-vespo] {self.stop_file} ({reason}): stopping after this step with a "
+                  f"checkpoint", file=sys.stderr, flush=True)
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
 
 def broadcast_object(obj: Any, group) -> Any:
     """Rank 0's `obj` on every rank (pickled over the gloo control group)."""
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
-
-
-def _any_rank(flag: bool, group) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
 
 
 class RolloutBank:
@@ -209,7 +218,7 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
     run_dir = Path(cfg.output_dir)
     ckpt_root = run_dir / "checkpoints"
     control = dist.new_group(backend="gloo")  # object broadcasts and flags, on CPU even with NCCL
-    stop = StopRequest()
+    stop = StopRequest(run_dir / STOP_FILE if rank == 0 else None)
     cursor = (load_checkpoint(learner, ckpt_root) if resume else None) or {}
     if rank == 0 and resume:
         print(f"[megatron-vespo] resumed at step {learner.policy_version} from "
@@ -275,7 +284,7 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
                         sinks.log(version, metrics)
                 if k + 1 == prepared.num_steps:
                     break
-                stopping = _any_rank(stop.requested, control)
+                stopping = stop.pending(control)
                 if stopping or done() or (cfg.save_interval and since_save >= cfg.save_interval):
                     if not in_bank:  # each rank's share of the batch, once, before it is named
                         bank.save(key, prepared, learner, info)
@@ -283,7 +292,7 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
                     checkpoint({"key": key, "next_step": k + 1})
                     since_save = 0
                 if stopping or done():
-                    halted = "KILLED" if stopping else "FINISHED"
+                    halted = "FINISHED" if done() else "KILLED"
                     break
             if halted:
                 status = halted
@@ -294,12 +303,12 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
                 # due when a multiple of eval_interval lies in the batch's steps (key: its start)
                 due = cfg.eval_interval and version // cfg.eval_interval > key // cfg.eval_interval
                 sinks.log(version, {**last, **(source.evaluate() if due else {})})
-            stopping = _any_rank(stop.requested, control)
+            stopping = stop.pending(control)
             if stopping or (cfg.save_interval and since_save >= cfg.save_interval):
                 checkpoint()
                 since_save = 0
             if stopping:
-                status = "KILLED"
+                status = "FINISHED" if done() else "KILLED"
                 break
         if since_save:
             checkpoint()
@@ -311,4 +320,7 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
             source.close()
         if sinks:
             sinks.close(status)
+    if rank == 0 and status == "KILLED":
+        print(f"[megatron-vespo] stopped at step {learner.policy_version} with a checkpoint in "
+              f"{ckpt_root}: continue with --resume", file=sys.stderr, flush=True)
     return last

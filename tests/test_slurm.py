@@ -8,12 +8,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from megatron_vespo.config import ConfigError, build, load_config
 from megatron_vespo.slurm import SlurmConfig, render_sbatch, slurm_submit, submit, wait_for
+from megatron_vespo.slurm.submit import TERMINAL_STATES, job_state
 
 from tests.slurm_cluster import LocalSlurmCluster, missing_reason
 
@@ -44,6 +46,10 @@ def test_one_het_job_learners_first_then_the_fleet():
     for component in (learners, fleet):  # per-component options repeat in both
         assert {"--time=48:00:00", "--exclusive", "--mem=0"} <= set(component)  # whole nodes
     assert "--job-name=megatron-vespo" in learners and "--output=runs/qwen3_30b_a3b/slurm-%j.out" in learners
+    # Signalled 900 s before the limit, requeued after the stop, one log across the runs.
+    assert {"--signal=B:TERM@900", "--requeue", "--open-mode=append"} <= set(learners)
+    assert "--signal=B:TERM@600" in _sbatch_lines(render_sbatch(SlurmConfig(), *EXAMPLE_ARGS))
+    assert not any(o.startswith(("--signal", "--requeue")) for o in fleet)
 
 
 def test_learners_run_torchrun_per_node_with_the_rendezvous_and_fleet_from_the_job():
@@ -75,6 +81,9 @@ def test_fleet_is_one_step_with_a_task_per_server_the_first_with_the_router():
     assert 'curl --silent --fail --max-time 5 --output /dev/null "$url/health"' in script
     assert 'scancel --signal=TERM "$SLURM_JOB_ID+1"' in script
     assert script.rstrip().endswith('exit "$learner_status"')
+    # The time-limit signal reaches the batch script, which asks the learners through the stop file.
+    assert "stop_file=runs/qwen3_30b_a3b/stop_request" in script and "trap on_time_limit TERM" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "if ((1)); then" in script
 
 
 def test_cpu_cluster_without_containers_or_gpus():
@@ -115,6 +124,9 @@ def test_shipped_example_is_the_render_of_its_config():
     ({"env": ("1X=2",)}, "env"),
     ({"env": ("NOVALUE",)}, "env"),
     ({"port_base": 65000}, "port_base"),
+    ({"time_limit": "10", "signal_grace_s": 600}, "signal_grace_s"),
+    ({"signal_grace_s": -1}, "signal_grace_s"),
+    ({"signal_grace_s": 0, "requeue": True}, "requeue"),
 ])
 def test_invalid_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
@@ -177,7 +189,7 @@ def cluster(tmp_path_factory):
 
 
 TINY = SlurmConfig(learner_nodes=2, gpus_per_node=0, ranks_per_node=1, cpus_per_task=1,
-                   rollout_nodes=1, servers_per_node=2, cpus_per_server=1, time_limit="5",
+                   rollout_nodes=1, servers_per_node=2, cpus_per_server=1, time_limit="5", signal_grace_s=60,
                    port_base=12100, port_slots=50, fleet_timeout_s=30,
                    env=(f"PATH={Path(sys.executable).parent}:$PATH",))
 
@@ -257,3 +269,59 @@ def test_real_job_trains_tiny_moe_and_logs_to_mlflow(cluster, tmp_path):
     assert info.data.params["slurm.job_id"] == job_id
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
     assert all(m.value > 0 for m in client.get_metric_history(run_id, "rollout/tokens_per_s"))
+
+
+def _job_fields(job_id: str) -> dict:
+    """Component 0's `scontrol show job` fields."""
+    out = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True,
+                         text=True, check=True).stdout
+    return dict(item.split("=", 1) for item in out.splitlines()[0].split() if "=" in item)
+
+
+def test_a_job_cut_by_its_time_limit_checkpoints_requeues_and_continues(cluster, tmp_path):
+    """A real offline trainer under a 2-minute limit: the signal 110 s before it reaches the batch
+    script, the learners stop after their step with a checkpoint, the job requeues itself, and the
+    requeued run resumes at the next step; every step is logged once."""
+    from megatron_vespo.learner.samples import write_samples
+    from megatron_vespo.tracking.jsonl import read_metrics
+    from tests.test_learner import make_samples
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rollouts = tmp_path / "rollouts.jsonl"
+    write_samples(rollouts, make_samples(n=64, vocab=64))
+    # ~15 steps/s here: long enough that the first run is still training when the signal comes.
+    steps = 600
+    slurm = SlurmConfig(learner_nodes=1, gpus_per_node=0, ranks_per_node=1, cpus_per_task=1,
+                        rollout_nodes=1, servers_per_node=1, cpus_per_server=1, time_limit="2",
+                        signal_grace_s=110, requeue=True, port_base=14000, port_slots=40,
+                        fleet_timeout_s=30, env=(f"PATH={Path(sys.executable).parent}:$PATH",))
+    learner = ("-m", "megatron_vespo.cli", "train", "--rollouts", str(rollouts), "--run-dir", str(run),
+               "--resume", str(REPO / "configs" / "tiny_moe_cpu.yaml"), "train.world_size=1",
+               "train.rollout_batch_size=8", "train.staleness=2", "train.micro_batch_size=4",
+               "train.epochs=100", f"train.max_steps={steps}", "train.save_interval=0",
+               "train.eval_interval=0")
+    script = render_sbatch(slurm, "/unused.yaml", str(run), learner_program=learner,
+                           server_command=(sys.executable, str(STANDINS), "serve", "--out", str(run)))
+    (run / "job.sbatch").write_text(script)
+    job_id = submit(run / "job.sbatch")
+    log_path = run / f"slurm-{job_id}.out"
+    deadline = time.monotonic() + 300
+    while _job_fields(job_id).get("Restarts", "0") == "0":
+        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+        assert job_state(job_id) not in TERMINAL_STATES, log_path.read_text()[-3000:]
+        time.sleep(1)
+    # Requeued: Slurm holds it ~2 min; start it now, with the time this run needs.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10"],
+                   check=True, capture_output=True)
+    state = wait_for(job_id, timeout=600, poll=1)
+    log = log_path.read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "the time limit is 110 s away: asking the learners to stop" in log
+    assert "stop_request (Slurm job" in log
+    assert f"requeueing job {job_id}" in log
+    stopped_at = int(re.search(r"resumed at step (\d+) from", log).group(1))
+    assert 1 <= stopped_at < steps, log[-4000:]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert not (run / "stop_request").exists()

@@ -22,6 +22,17 @@ _TIME_LIMIT = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def time_limit_seconds(limit: str) -> int:
+    """Seconds in a Slurm time (`_TIME_LIMIT`): minutes alone, or [D-]H[:M[:S]] once there is a day
+    or two colons."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(x) for x in clock.split(":")]
+    if not days and len(parts) < 3:  # M or M:S
+        parts = [0] + parts + [0] * (2 - len(parts))
+    hours, minutes, seconds = parts + [0] * (3 - len(parts))
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 @dataclass(frozen=True)
 class SlurmConfig:
     partition: Optional[str] = None
@@ -55,6 +66,13 @@ class SlurmConfig:
     port_base: int = 10000
     port_slots: int = 750
     fleet_timeout_s: int = 1800  # how long the learners wait for the router and servers' /health
+    # The batch script is signalled this many seconds before the time limit (`--signal=B:TERM@`;
+    # Slurm may signal up to a minute earlier) and asks the learners to stop after their step with
+    # a checkpoint: enough for a step and a checkpoint write. 0: no signal.
+    signal_grace_s: int = 600
+    # After such a stop the job requeues itself (same job id, Slurm delays its start by ~2 min) and
+    # resumes from that checkpoint; without it, resubmitting into the run directory resumes.
+    requeue: bool = False
 
     def __post_init__(self) -> None:
         for name in ("learner_nodes", "rollout_nodes", "servers_per_node", "cpus_per_server",
@@ -75,6 +93,12 @@ class SlurmConfig:
         if not _TIME_LIMIT.match(self.time_limit):
             raise ValueError(f"time_limit={self.time_limit!r} is not a Slurm time "
                              "(M, H:M:S, D-H, D-H:M:S)")
+        if not 0 <= self.signal_grace_s < min(time_limit_seconds(self.time_limit), 65536):
+            raise ValueError(f"signal_grace_s={self.signal_grace_s} must lie in 0 .. the time limit "
+                             f"({self.time_limit}) and below 65536 s")
+        if self.requeue and not self.signal_grace_s:
+            raise ValueError("requeue=true needs signal_grace_s > 0: the job requeues itself when "
+                             "the signal before its time limit has stopped the learners")
         top = self.port_base + self.port_slots * PORTS_PER_JOB  # one past the last port
         if not 1024 <= self.port_base or top > EPHEMERAL_LOW or (
                 self.port_base < SGLANG_PORTS.stop and top > SGLANG_PORTS.start):

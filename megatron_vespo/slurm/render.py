@@ -18,6 +18,7 @@ import shlex
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..stop_request import STOP_FILE
 from .config import PORTS_PER_JOB, SlurmConfig
 
 TEMPLATE = r"""#!/bin/bash
@@ -66,6 +67,19 @@ stop_fleet() {
 }
 trap stop_fleet EXIT
 
+# Near the time limit Slurm signals this script (`--signal=B:TERM@__GRACE__`), not the steps: a signal
+# to torchrun would end its ranks 30 s later, checkpoint written or not. The script asks the
+# learners through the run's stop file instead; they stop after their step with a checkpoint.
+stop_file=__RUN_DIR_Q__/__STOP_FILE__
+rm -f "$stop_file"  # a request older than this job is not for it
+time_limit_near=0
+on_time_limit() {
+    time_limit_near=1
+    echo "the time limit is __GRACE__ s away: asking the learners to stop with a checkpoint"
+    echo "Slurm job $SLURM_JOB_ID: the time limit is __GRACE__ s away" > "$stop_file"
+}
+trap on_time_limit TERM
+
 # Component 1, in the background: one step, one task per server (__SERVERS__ per node, block-distributed
 # as worker_urls lists them); task 0, on the first fleet node, also runs the router. A task's port
 # is known only inside the task, hence the bash -c. One server failing ends the whole step.
@@ -97,16 +111,31 @@ for url in "$router_url" "${worker_urls[@]}"; do
 done
 
 # Component 0: one torchrun per node; the node rank is the node's index in this step, known only
-# inside each task, hence the bash -c.
-learner_status=0
+# inside each task, hence the bash -c. In the background, so that the trap below runs at once.
 srun --het-group=0 --nodes=__LEARNER_NODES__ --ntasks-per-node=1 --kill-on-bad-exit=1 __LEARNER_SRUN__ \
     bash -c 'exec torchrun --node-rank "$SLURM_NODEID" "$@"' torchrun \
     --nnodes=__LEARNER_NODES__ --nproc-per-node=__NPROC__ \
     --master-addr="$master_addr" --master-port="$master_port" \
     __LEARNER_PROGRAM__ \
-    "rollout.fleet.attach_router_url=$router_url" "rollout.fleet.attach_worker_urls=[$worker_csv]" \
-    || learner_status=$?
+    "rollout.fleet.attach_router_url=$router_url" "rollout.fleet.attach_worker_urls=[$worker_csv]" &
+learner_pid=$!
+# wait returns early when a trap has run; wait again until the learners have ended.
+while :; do
+    learner_status=0
+    wait "$learner_pid" || learner_status=$?
+    kill -0 "$learner_pid" 2>/dev/null || break
+done
 stop_fleet
+# The learners took the stop request (they remove the file once seen) and stopped with a checkpoint.
+if ((time_limit_near && learner_status == 0)) && [[ ! -e $stop_file ]]; then
+    if ((__REQUEUE__)); then
+        echo "stopped with a checkpoint before the time limit: requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+    else
+        echo "stopped with a checkpoint before the time limit: resubmit to continue"
+    fi
+fi
+rm -f "$stop_file"
 exit "$learner_status"
 """
 
@@ -133,7 +162,10 @@ def _header(slurm: SlurmConfig, run_dir: str) -> list[str]:
                 f"--cpus-per-task={slurm.learner_cpus}", *gpus]
     fleet = [f"--nodes={slurm.rollout_nodes}", f"--ntasks-per-node={slurm.servers_per_node}",
              f"--cpus-per-task={slurm.cpus_per_server}", *gpus]
-    job = [f"--job-name={slurm.job_name}", f"--output={run_dir}/slurm-%j.out"]
+    # A requeued job keeps its id and output file: append, so its first run's log stays.
+    job = [f"--job-name={slurm.job_name}", f"--output={run_dir}/slurm-%j.out", "--open-mode=append",
+           *([f"--signal=B:TERM@{slurm.signal_grace_s}"] if slurm.signal_grace_s else []),
+           *(["--requeue"] if slurm.requeue else [])]
     lines = [f"#SBATCH {opt}" for opt in job + learners + shared + list(slurm.extra_sbatch)]
     lines.append("#SBATCH hetjob")
     lines += [f"#SBATCH {opt}" for opt in fleet + shared + list(slurm.extra_sbatch)]
@@ -197,5 +229,8 @@ def render_sbatch(slurm: SlurmConfig, config_path: str, run_dir: str, *,
         "LEARNER_SRUN": " ".join(learner_srun),
         "NPROC": str(slurm.nproc_per_node),
         "LEARNER_PROGRAM": shlex.join(learner_program),
+        "STOP_FILE": STOP_FILE,
+        "GRACE": str(slurm.signal_grace_s),
+        "REQUEUE": "1" if slurm.requeue else "0",
     }
     return re.sub(r"__([A-Z_]+)__", lambda m: values[m.group(1)], TEMPLATE)

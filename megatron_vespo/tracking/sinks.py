@@ -73,8 +73,10 @@ class RunSinks:
         self.jsonl = JsonlMetrics(self.run_dir / "metrics.jsonl")
         self._consumed = open(self.run_dir / "samples_consumed.jsonl", "a")
         self.tracker = start_tracker(config.tracking, self.run_dir, config, resume=resume)
+        # Into a job's log file (not a terminal) the bar writes a line every 30 s, not every step.
         self.bar = tqdm(total=config.train.max_steps or None, initial=start_step, unit="step",
-                        desc="train", dynamic_ncols=True)
+                        desc="train", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
     def step_done(self, step: int, learner, sample_ids: list[str]) -> None:
         """After optimizer step `step`: its sample ids, and the heat-map and histograms when due
