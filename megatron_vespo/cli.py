@@ -164,6 +164,7 @@ def _refuse_a_used_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from .rollout.auth import run_api_key, use_api_key
     from .rollout.serve import serve_node
     from .rollout.server import seeded
 
@@ -171,9 +172,13 @@ def serve(args: argparse.Namespace) -> int:
     # One serve task per server in a Slurm job: its task id is the server's index in the fleet.
     server = seeded(config.rollout.fleet.server, config.train.seed,
                     int(os.environ.get("SLURM_PROCID", "0")))
+    if args.host:
+        server = dataclasses.replace(server, host=args.host)
+    use_api_key(run_api_key(Path(config.train.output_dir)))
     serve_node(config.model, config.train.init_hf_checkpoint, server,
                Path(config.train.output_dir), args.port, args.router_port,
-               [u for u in (args.worker_urls or "").split(",") if u])
+               [u for u in (args.worker_urls or "").split(",") if u],
+               config.rollout.fleet.max_restarts)
     return 0
 
 
@@ -273,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     s.add_argument("--run-dir", help="the run directory (overrides train.output_dir)")
     s.add_argument("--port", type=int, required=True, help="this server's port")
+    s.add_argument("--host", help="the address to serve on (overrides rollout.fleet.server.host; a "
+                   "Slurm job passes the node's address)")
     s.add_argument("--router-port", type=int, help="also run the router on this port")
     s.add_argument("--worker-urls", help="comma-separated server URLs the router fronts")
     s.set_defaults(func=serve)

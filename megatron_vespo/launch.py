@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional
 import torch
 import torch.multiprocessing as mp
 
-from megatron_vespo.ports import free_ports
 
 
 def init_rank(rank: int, world_size: int, init_method: str) -> None:
@@ -73,13 +72,14 @@ def _die_with(parent: int) -> None:
         os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
 
 
-def _child(rank, world_size, port, fn, args, out_dir, parent):
+def _child(rank, world_size, fn, args, out_dir, parent):
     _die_with(parent)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     out = Path(out_dir) / f"rank{rank}.pt"
     try:
-        init_rank(rank, world_size, f"tcp://127.0.0.1:{port}")
+        # The ranks meet in a file, not a TCP store: torch's TCPStore listens on every interface
+        # without authentication, and all ranks of this launcher share one host.
+        init_rank(rank, world_size, f"file://{Path(out_dir) / 'rendezvous'}")
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, out)
     except BaseException:  # every failure, assertion errors and KeyboardInterrupt included
@@ -124,9 +124,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args,
             _shutdown()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
-        port = free_ports(1)[0]
-        procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, out_dir,
-                                                  os.getpid()))
+        procs = [ctx.Process(target=_child, args=(r, world_size, fn, args, out_dir, os.getpid()))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -22,6 +22,7 @@ from .learner.hf_convert import export_model_to_hf
 from .learner.learner import Learner
 from .learner.sample_files import recorded
 from .learner.samples import RolloutBatch
+from .rollout.auth import run_api_key, use_api_key
 from .rollout.client import RolloutClient
 from .rollout.fleet import Fleet
 from .rollout.source import RolloutSource
@@ -43,7 +44,9 @@ class FleetSource:
         self.run_dir = Path(config.train.output_dir)
         self.control = dist.new_group(backend="gloo")
         if r.weight_sync == "disk":
-            self.weights = DiskWeightSync(self.run_dir / "weights")
+            # Beside weights/initial and the Slurm servers' placeholders, which restarted servers
+            # start from: the export replaces its whole directory.
+            self.weights = DiskWeightSync(self.run_dir / "weights" / "synced")
         else:
             self.weights = DistributedWeightSync(bucket_bytes=r.weight_bucket_mb << 20,
                                                  master_address=r.weight_sync_address)
@@ -53,7 +56,6 @@ class FleetSource:
         self._task_state: Optional[dict] = None
         self._since_sync = 0
         self._version = 0  # the policy version the next rollout batch starts at
-        self.urls: list[str] = []
 
     def start(self, learner: Learner) -> None:
         config, r, cfg = self.config, self.config.rollout, self.config.train
@@ -63,12 +65,13 @@ class FleetSource:
         chunks = [c.module for c in learner.chunks]
         if model_path is None or learner.policy_version > 0:
             model_path = str(self.run_dir / "weights" / "initial")
-            export_model_to_hf(model_path, chunks, config.model, config.parallel)
+            export_model_to_hf(model_path, chunks, config.model, config.parallel, overwrite=True)
         if self.rank == 0:
             tokenizer = load_tokenizer(config.task, cfg.init_hf_checkpoint)
             self.task = build_task(config.task, tokenizer)
             if self._task_state:
                 self.task.load_state_dict(self._task_state)
+            use_api_key(run_api_key(self.run_dir))
             if r.fleet.attach_router_url:
                 self.fleet = Fleet.attach(r.fleet)
             else:
@@ -81,18 +84,23 @@ class FleetSource:
                 max_in_flight=r.max_in_flight, on_invalid=r.on_invalid)
             self.rollout = RolloutSource(r, client, self.task.train_prompts(), self.task.reward,
                                          cfg.mini_batch_size // r.n_samples_per_prompt)
-        self.urls = broadcast_object(self.fleet.worker_urls if self.fleet else None, self.control)
         if r.fleet.attach_router_url or r.weight_sync == "distributed":
             # Attached servers run whatever they started with; the distributed path names its version.
             self._sync(learner)
         elif self.rank == 0:  # launched from this learner's weights: name them before any request
-            name_version(self.urls, learner.policy_version)
+            name_version(self.fleet.worker_urls, learner.policy_version)
         if self.rollout is not None and not self.sync_mode:
             self.rollout.start(learner.policy_version)
 
     def _sync(self, learner: Learner) -> None:
+        """The weights to every member of the fleet and to every server that came back since the
+        last sync (restarted), which then rejoins: it serves nothing older than this version."""
+        members, back = broadcast_object(
+            (self.fleet.worker_urls, self.fleet.returning()) if self.fleet else None, self.control)
         self.weights.sync([c.module for c in learner.chunks], self.config.model,
-                          self.config.parallel, self.urls, learner.policy_version)
+                          self.config.parallel, members + back, learner.policy_version, fresh=back)
+        if self.fleet is not None and back:
+            self.fleet.rejoin(back)
 
     def next_batch(self) -> Optional[RolloutBatch]:
         r = self.config.rollout

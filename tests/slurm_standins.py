@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
-def _health_server(port: int, identity: dict) -> ThreadingHTTPServer:
+def _health_server(host: str, port: int, identity: dict) -> ThreadingHTTPServer:
     body = json.dumps(identity).encode()
 
     class Health(BaseHTTPRequestHandler):
@@ -31,18 +31,19 @@ def _health_server(port: int, identity: dict) -> ThreadingHTTPServer:
         def log_message(self, *args):  # keep the step's log to what the test needs
             pass
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Health)
+    server = ThreadingHTTPServer((host, port), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
 def serve(args: argparse.Namespace) -> None:
     node = os.environ.get("SLURMD_NODENAME", "?")
-    identity = {"role": "server", "node": node, "port": args.port}
-    _health_server(args.port, identity)
+    identity = {"role": "server", "node": node, "host": args.host, "port": args.port}
+    _health_server(args.host, args.port, identity)
     if args.router_port:
-        _health_server(args.router_port, {"role": "router", "node": node, "port": args.router_port,
-                                          "worker_urls": args.worker_urls.split(",")})
+        _health_server(args.host, args.router_port, {"role": "router", "node": node,
+                                                      "port": args.router_port,
+                                                      "worker_urls": args.worker_urls.split(",")})
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     stopped.wait()
@@ -75,6 +76,7 @@ def main() -> None:
     s = sub.add_parser("serve")
     s.add_argument("--out", required=True)
     s.add_argument("--port", type=int, required=True)
+    s.add_argument("--host", required=True)
     s.add_argument("--router-port", type=int)
     s.add_argument("--worker-urls", default="")
     s.set_defaults(func=serve)

@@ -82,8 +82,10 @@ def test_temperature_gives_the_sampled_distribution(temperature, dtype):
     ref_logp, ref_ent, ref_grad_z = _reference(z / temperature, targets, g_logp, g_ent)
     torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, ref_ent, atol=1e-5, rtol=0)
-    # d/d logits = (1 / T) d/dz at z = logits / T
-    tol = dict(atol=ATOL, rtol=0) if dtype == torch.float32 else dict(atol=1e-3, rtol=1.6e-2)
+    # d/d logits = (1 / T) d/dz at z = logits / T. In float32 the reference divides by T in another
+    # place than the kernel, which moves some elements by ~16 ulp (measured 1.01e-6 on a 0.52
+    # gradient on one CPU): torch's float32 defaults (atol 1e-5, rtol 1.3e-6).
+    tol = {} if dtype == torch.float32 else dict(atol=1e-3, rtol=1.6e-2)
     torch.testing.assert_close(grad.float(), ref_grad_z / temperature, **tol)
     # ...and not those of T = 1 (the bias the engine comparison would show otherwise)
     plain, _, _ = _run(low, targets, g_logp)

@@ -161,9 +161,28 @@ def test_resume_continues_the_same_run(server, shm_dir, monkeypatch):
     assert run.data.params["slurm.job_id"] == "100" and run.data.tags["resume.slurm.job_id"] == "101"
     assert _history(_client(server.url), first.run_id, "loss") == [(1, 0.5), (2, 0.25)]
 
+    # Steps 3 and 4 logged, then a crash before step 4's checkpoint: the resume from step 3
+    # trains step 4 again. MLflow cannot delete the first step 4: the run continues as a new run
+    # holding the history up to step 3 once, and the old run points at it.
+    third = Tracker.start(cfg, shm_dir, Config(), resume=True, resume_step=2)
+    for step in (3, 4):
+        third.log_metrics(step, step_metrics(step))
+    third.close("KILLED")
+    fourth = Tracker.start(cfg, shm_dir, Config(), resume=True, resume_step=3)
+    fourth.log_metrics(4, {"loss": 0.75})
+    fourth.close()
+    client = _client(server.url)
+    assert fourth.run_id != first.run_id and fourth.stats.rejected == 0
+    assert json.loads((shm_dir / "mlflow_run.json").read_text())["run_id"] == fourth.run_id
+    assert _history(client, fourth.run_id, "loss") == [(1, 0.5), (2, 0.25), (3, 0.5 / 3), (4, 0.75)]
+    old, new = client.get_run(first.run_id), client.get_run(fourth.run_id)
+    assert old.info.status == "KILLED" and old.data.tags["megatron_vespo.rewound_into_run"] == new.info.run_id
+    assert new.info.status == "FINISHED" and new.data.tags["megatron_vespo.rewound_to_step"] == "3"
+    assert new.data.params == old.data.params and new.data.tags["resume.slurm.job_id"] == "101"
+
     fresh = Tracker.start(cfg, shm_dir, Config(), resume=False)
     fresh.close()
-    assert fresh.run_id != first.run_id
+    assert fresh.run_id not in (first.run_id, fourth.run_id)
 
 
 def test_default_store_is_a_local_sqlite_file(shm_dir):

@@ -138,22 +138,63 @@ def _start(config: Path, run_dir: Path, steps: int) -> tuple[subprocess.Popen, l
     return proc, cmd
 
 
-def test_ctrl_c_stops_with_a_resumable_checkpoint(tmp_path):
-    config, run_dir = _config(tmp_path, train={"max_steps": 200, "save_interval": 0}), tmp_path / "run"
+def _kill_server(port: int) -> None:
+    """SIGKILL the SGLang server on `port` and its children (its process group): a crash."""
+    import psutil
+
+    (leader,) = [p for p in psutil.process_iter(["cmdline"])
+                 if "megatron_vespo.rollout.sglang_main" in (p.info["cmdline"] or [])
+                 and str(port) in p.info["cmdline"]]
+    os.killpg(leader.pid, signal.SIGKILL)
+
+
+def _wait_listed(router: str, url: str, listed: bool, proc: subprocess.Popen) -> None:
+    from megatron_vespo.rollout.router import RouterClient
+
+    deadline = time.monotonic() + 300
+    while (RouterClient(router).find(url) is not None) != listed:
+        assert proc.poll() is None, proc.stderr.read()[-4000:]
+        assert time.monotonic() < deadline, f"{url} still {'not ' if listed else ''}listed"
+        time.sleep(0.5)
+
+
+def test_servers_killed_mid_run_come_back_and_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
+    """One of two servers SIGKILLed twice mid-run: each time it is removed, restarted, given the
+    current weights at the next sync and rejoined, and the run trains on with two servers. Then
+    Ctrl-C: a checkpoint after the step, MLflow KILLED, and `--resume` continues the same run. Every
+    sample is trained exactly once, and never from weights older than the batch's."""
+    victim, router = 15110, 15100
+    config = _config(tmp_path, train={"max_steps": 1000, "save_interval": 0, "eval_interval": 0},
+                     rollout={"fleet": {"num_servers": 2, "base_port": victim, "router_port": router,
+                                        "server": {"enable_routed_experts": True}}})
+    run_dir = tmp_path / "run"
     proc, _ = _start(config, run_dir, 2)
+    router_url, victim_url = f"http://127.0.0.1:{router}", f"http://127.0.0.1:{victim}"
+    for _ in range(2):
+        _kill_server(victim)
+        _wait_listed(router_url, victim_url, False, proc)  # found dead, removed
+        _wait_listed(router_url, victim_url, True, proc)  # restarted, synced, rejoined
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
+    for k in (1, 2):
+        assert f"restarting rollout server {victim_url} (restart {k} of at most 3)" in err, err[-4000:]
+    assert err.count(f"rollout servers ['{victim_url}'] rejoined the fleet; 2 members") == 2
     last = max(r["step"] for r in _metrics(run_dir) if "loss" in r)
-    assert 2 <= last < 200
+    assert 2 <= last < 1000
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{last:08d}", latest
     _, run = _mlflow_run(run_dir)
     assert run.info.status == "KILLED"
     # The checkpoint is resumable: training continues at the next step in the same run.
     _train(config, run_dir, "--resume", f"train.max_steps={last + 2}")
-    steps = [r["step"] for r in _metrics(run_dir) if "loss" in r]
-    assert steps == list(range(1, last + 3)), steps
+    steps = [r for r in _metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, last + 3))
+    # N = 2: every batch's first step trains on current weights, the second one version behind.
+    assert [r["staleness/sample_lag_mean"] for r in steps] == [0, 1] * ((last + 2) // 2)
+    consumed = [i for line in (run_dir / "samples_consumed.jsonl").read_text().splitlines()
+                for i in json.loads(line)["sample_ids"]]
+    assert len(consumed) == len(set(consumed)) == 8 * (last + 2)
     _, resumed = _mlflow_run(run_dir)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
 

@@ -15,9 +15,11 @@ import math
 
 import numpy as np
 import pytest
+import requests
 import torch
 import transformers
 
+from megatron_vespo.rollout.auth import ENV, run_api_key, use_api_key
 from megatron_vespo.rollout.client import RolloutClient, RolloutError, SamplingOptions
 from megatron_vespo.tasks.base import Prompt
 from megatron_vespo.rollout.fleet import Fleet, FleetConfig, FleetError
@@ -56,10 +58,16 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(model_dir, tmp_path_factory):
+    """Started with an API key, as every fleet of a run is: each test here sends it."""
+    use_api_key(run_api_key(tmp_path_factory.mktemp("run")))
     cfg = FleetConfig(num_servers=2, base_port=BASE_PORT, router_port=ROUTER_PORT, server=SERVER,
-                      router_extra_args=("--disable-retries",), request_timeout_s=120.0, max_retries=3)
-    with Fleet.launch(str(model_dir), cfg, tmp_path_factory.mktemp("fleet_logs")) as f:
-        yield f
+                      router_extra_args=("--disable-retries",), request_timeout_s=120.0, max_retries=3,
+                      max_restarts=0)  # the killed server stays out (restarts: test_online_train.py)
+    try:
+        with Fleet.launch(str(model_dir), cfg, tmp_path_factory.mktemp("fleet_logs")) as f:
+            yield f
+    finally:
+        use_api_key(None)
 
 
 def test_fleet_lists_both_servers_healthy(fleet):
@@ -67,6 +75,29 @@ def test_fleet_lists_both_servers_healthy(fleet):
     assert listed == {s.url: True for s in fleet.servers}
     assert fleet.worker_urls == [s.url for s in fleet.servers]
     assert fleet.check_health() == []
+
+
+def test_servers_and_router_refuse_requests_without_the_runs_key(fleet, model_dir):
+    """Before, anyone who reached a port could generate, or replace the weights."""
+    generate = ("/generate", {"input_ids": [1, 7], "sampling_params": {}})
+    calls = [(fleet.router_url, *generate), (fleet.router_url, "/workers", {"url": DEAD_URL})]
+    calls += [(url, path, body) for url in fleet.worker_urls for path, body in
+              (generate, ("/update_weights_from_disk", {"model_path": str(model_dir)}))]
+    for url, path, body in calls:
+        assert requests.get(url + "/health", timeout=10).status_code == 200  # probes stay open
+        assert requests.post(url + path, json=body, timeout=30).status_code == 401, (url, path)
+        wrong = {"Authorization": "Bearer not-the-key"}
+        assert requests.post(url + path, json=body, headers=wrong, timeout=30).status_code == 401
+    assert requests.get(fleet.router_url + "/workers", timeout=10).status_code == 401
+
+
+def test_the_runs_key_is_made_once_private_or_taken_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    key = run_api_key(tmp_path)
+    assert len(key) >= 40 and run_api_key(tmp_path) == key
+    assert (tmp_path / ".api_key").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv(ENV, "from-the-environment")
+    assert run_api_key(tmp_path) == "from-the-environment"
 
 
 def test_generation_has_n_samples_with_logprobs_and_version(fleet, model_dir):

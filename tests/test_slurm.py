@@ -74,7 +74,7 @@ def test_fleet_is_one_step_with_a_task_per_server_the_first_with_the_router():
     assert ("srun --het-group=1 --ntasks-per-node=4 --kill-on-bad-exit=1 --cpus-per-task=24 "
             "--gpus-per-task=2 --container-image=") in script
     assert "--output=runs/qwen3_30b_a3b/fleet-%t.log" in script
-    assert 'args=(--port "$(($1 + SLURM_LOCALID))")' in script
+    assert 'args=(--port "$(($1 + SLURM_LOCALID))" --host "${host%:*}")' in script
     assert 'if ((SLURM_PROCID == 0)); then args+=(--router-port "$2" --worker-urls "$3"); fi' in script
     assert ('fleet-task "$((first_port + 2))" "$router_port" "$worker_csv" \\\n'
             '    megatron-vespo serve configs/qwen3_30b_a3b.yaml --run-dir runs/qwen3_30b_a3b &') in script
@@ -222,6 +222,7 @@ def test_learners_reach_the_fleet_through_discovered_addresses(cluster, tmp_path
     assert rank0["router"]["role"] == "router" and rank0["router"]["port"] == first_port + 1
     assert rank0["router"]["worker_urls"] == rank0["worker_urls"]  # the router got the same list
     assert [w["port"] for w in rank0["workers"]] == [first_port + 2, first_port + 3]
+    assert {w["host"] for w in rank0["workers"]} == {"127.0.0.1"}  # its node's address, not 0.0.0.0
     fleet_nodes = {rank0["router"]["node"]} | {w["node"] for w in rank0["workers"]}
     assert len(fleet_nodes) == 1 and not fleet_nodes & learner_nodes
     # After the learners, every server was stopped with SIGTERM (not killed).

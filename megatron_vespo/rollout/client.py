@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ..learner.samples import Sample
 from ..tasks.base import Prompt
+from .auth import auth_headers
 from .fleet import Fleet
 from .routed_experts import decode_routed_experts
 
@@ -158,7 +159,7 @@ class RolloutClient:
         self._per_server[base] = self._per_server.get(base, 0) + 1
         self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         try:
-            async with session.post(url, json=payload, timeout=timeout) as r:
+            async with session.post(url, json=payload, timeout=timeout, headers=auth_headers()) as r:
                 text = await r.text()
                 if r.status >= 500:
                     raise _Retriable(f"HTTP {r.status} from {url}: {text[:300]}")

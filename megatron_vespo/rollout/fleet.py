@@ -5,12 +5,20 @@ that lists them, and waits until the router reports every one healthy. `Fleet.at
 (and its workers) that someone else runs; it never stops them. Either way the fleet keeps the list
 of members it believes alive; `check_health` prunes that list and the router's, so that a crashed
 server stops receiving work and the client's retries land on the survivors.
+
+A server found dead comes back: the fleet restarts the ones it launched (at most
+`max_restarts` times each); the ones it attached to are restarted by whoever runs them (in a Slurm
+job, the node's `megatron-vespo serve`). A server that answers again is `returning`: it gets the
+current weights at the next weight sync and only then rejoins the router (`rejoin`), so no request
+reaches weights nobody can name.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +56,7 @@ class FleetConfig:
     request_timeout_s: float = 600.0  # one /generate request (a whole group of n samples)
     max_retries: int = 3  # re-sends of one group after a failed request
     health_timeout_s: float = 10.0  # a /health answer slower than this counts as dead
+    max_restarts: int = 3  # relaunches of each server that dies (0: a dead server stays out)
 
     def __post_init__(self) -> None:
         if self.num_servers < 1:
@@ -78,6 +87,8 @@ class FleetConfig:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.health_timeout_s <= 0:
             raise ValueError(f"health_timeout_s must be > 0, got {self.health_timeout_s}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
 
 
 class Fleet:
@@ -91,6 +102,8 @@ class Fleet:
         self.servers = servers  # the processes this fleet started (empty when attached)
         self.router_process = router_process
         self._members = list(worker_urls)
+        self._returning: dict[str, float] = {}  # removed as dead, awaited back: url -> since when
+        self._restarts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -156,15 +169,20 @@ class Fleet:
         with self._lock:
             return list(self._members)
 
+    def _server(self, url: str) -> Optional[SGLangServer]:
+        """The process behind `url` when this fleet launched it."""
+        return next((s for s in self.servers if s.url == url), None)
+
     def _dead(self, url: str) -> bool:
-        server = next((s for s in self.servers if s.url == url), None)
+        server = self._server(url)
         if server is not None and not server.alive:
             return True
         return not is_healthy(url, self.cfg.health_timeout_s)
 
     def check_health(self) -> list[str]:
-        """Probe every member's /health; remove the dead ones from the router and the member list.
-        Returns the removed URLs; FleetError if the router is gone or no healthy member is left."""
+        """Probe every member's /health; remove the dead ones from the router and the member list,
+        and await them back (restarting the ones launched here). Returns the removed URLs;
+        FleetError if the router is gone or no healthy member is left."""
         if not self.router.reachable():
             raise FleetError(f"router {self.router_url} is not answering")
         members = self.worker_urls
@@ -173,10 +191,62 @@ class Fleet:
         for url in dead:
             logger.warning("rollout server %s is not answering /health: removing it from the fleet", url)
             self.remove_worker(url)
+            self._bring_back(url)
         if not self.worker_urls:
             raise FleetError(f"no healthy rollout server left behind router {self.router_url} "
                              f"(removed as dead: {dead or 'none'}; members before the check: {members})")
         return dead
+
+    def _bring_back(self, url: str) -> None:
+        """Await `url` back; restart it first when this fleet launched it and restarts are left."""
+        server = self._server(url)
+        if server is not None:
+            if self._restarts[url] >= self.cfg.max_restarts:
+                logger.error("rollout server %s died after %d restarts (rollout.fleet.max_restarts): "
+                             "it stays out of the fleet; log %s", url, self._restarts[url],
+                             server.log_path)
+                with self._lock:
+                    self._returning.pop(url, None)
+                server.stop()
+                return
+            self._restarts[url] += 1
+            logger.warning("restarting rollout server %s (restart %d of at most %d); it rejoins after "
+                           "the next weight sync", url, self._restarts[url], self.cfg.max_restarts)
+            server.restart()
+        with self._lock:
+            self._returning[url] = time.monotonic()
+
+    def returning(self) -> list[str]:
+        """Servers removed as dead that answer /health again: give them the current weights, then
+        `rejoin` them. A restart that failed (the process exited, or it did not answer within
+        `server.startup_timeout_s`) is retried while restarts are left."""
+        with self._lock:
+            awaited = dict(self._returning)
+        back = []
+        for url, since in awaited.items():
+            server = self._server(url)
+            failed = server is not None and (
+                not server.alive or time.monotonic() - since > self.cfg.server.startup_timeout_s)
+            if failed:
+                logger.warning("restart of rollout server %s failed; log %s:\n%s", url,
+                               server.log_path, server.log_tail(10))
+                self._bring_back(url)
+            elif is_healthy(url, timeout=2.0):
+                back.append(url)
+        return back
+
+    def rejoin(self, urls: list[str]) -> None:
+        """Members again (`returning` servers that now hold the current weights): registered with
+        the router, which gets requests to them once it lists them healthy."""
+        for url in urls:
+            self.router.add_worker(url)
+        self.router.wait_workers(urls, self.cfg.server.startup_timeout_s)
+        with self._lock:
+            for url in urls:
+                self._returning.pop(url, None)
+                if url not in self._members:
+                    self._members.append(url)
+        logger.warning("rollout servers %s rejoined the fleet; %d members", urls, len(self._members))
 
     def remove_worker(self, url: str) -> None:
         """Drop `url` from the member list and from the router (it no longer gets requests)."""

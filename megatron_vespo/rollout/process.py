@@ -47,11 +47,21 @@ class SessionProcess:
         self.url = url
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._env = {**os.environ, **(env or {})}
+        self._spawn()
+
+    def _spawn(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})}, start_new_session=True)
+                                         env=self._env, start_new_session=True)
         self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(self.proc.pid)],
                                           stdin=subprocess.PIPE, start_new_session=True)
+
+    def restart(self) -> None:
+        """Start the same command again, at the same address and log, once whatever is left of the
+        last run (children that outlived it, its port) is stopped. Returns at once."""
+        self.stop(grace_s=5.0)
+        self._spawn()
 
     @property
     def alive(self) -> bool:

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import requests
 
+from .auth import api_key_args, auth_headers
 from .process import SessionProcess
 
 
@@ -49,7 +50,8 @@ class RouterClient:
 
     def _call(self, method: str, path: str, **kwargs) -> requests.Response:
         try:
-            r = requests.request(method, self.url + path, timeout=self.timeout_s, **kwargs)
+            r = requests.request(method, self.url + path, timeout=self.timeout_s,
+                                 headers=auth_headers(), **kwargs)
         except requests.RequestException as e:
             raise RouterError(f"{method} {self.url}{path}: {e}") from None
         if r.status_code not in (200, 202):
@@ -110,7 +112,8 @@ def router_argv(port: int, metrics_port: int, worker_urls: Sequence[str], host: 
             "--policy", policy, "--prometheus-host", host, "--prometheus-port", str(metrics_port)]
     if worker_urls:
         argv += ["--worker-urls", *worker_urls]
-    return argv + list(extra_args)
+    # --api-key: the router requires it on every endpoint but /health and sends it to its workers.
+    return argv + api_key_args() + list(extra_args)
 
 
 class RouterProcess(SessionProcess):

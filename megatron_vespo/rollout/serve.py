@@ -5,7 +5,9 @@ server on this node and, on the fleet's first node, the router in front of every
 It blocks until SIGTERM/SIGINT, then stops what it started. The learners attach to the router
 (`rollout.fleet.attach_router_url`) and push their weights before the first rollout, so a server may
 start from any checkpoint of the right architecture: `train.init_hf_checkpoint` if set, else
-placeholder weights written here.
+placeholder weights written here. A server that dies is restarted here, at most `max_restarts`
+times (the learners take it out of the router meanwhile, and give it the current weights before it
+rejoins); a router that dies ends the step.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def placeholder_checkpoint(cfg: ModelConfig, path: Path) -> Path:
 
 
 def serve_node(model: ModelConfig, model_path: Optional[str], server: ServerOptions, run_dir: Path,
-               port: int, router_port: Optional[int] = None, worker_urls: Sequence[str] = ()) -> None:
+               port: int, router_port: Optional[int] = None, worker_urls: Sequence[str] = (),
+               max_restarts: int = 3) -> None:
     """Run this node's server (and the router when router_port is given) until SIGTERM/SIGINT."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,9 +61,18 @@ def serve_node(model: ModelConfig, model_path: Optional[str], server: ServerOpti
                                    worker_urls, host=server.host)
             router.wait_ready(server.startup_timeout_s)
         logger.info("serving %s%s", proc.url, f", router {router.url}" if router else "")
+        restarts = 0
         while not stop.wait(1.0):
-            if not proc.alive or (router is not None and not router.alive):
-                raise RuntimeError(f"the server ({proc.url}) or router on this node exited; see {logs}")
+            if router is not None and not router.alive:
+                raise RuntimeError(f"the router {router.url} on this node exited; see {logs}")
+            if not proc.alive:
+                if restarts == max_restarts:
+                    raise RuntimeError(f"the server {proc.url} exited after {restarts} restarts "
+                                       f"(rollout.fleet.max_restarts); see {proc.log_path}")
+                restarts += 1
+                logger.warning("server %s exited (code %s): restart %d of at most %d", proc.url,
+                               proc.proc.returncode, restarts, max_restarts)
+                proc.restart()
     finally:
         if router is not None:
             router.stop()

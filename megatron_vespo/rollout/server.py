@@ -17,6 +17,7 @@ from typing import Optional
 import requests
 import torch
 
+from .auth import api_key_args, auth_headers
 from .process import SessionProcess
 
 CPU_KV_TOKENS = 65536
@@ -74,7 +75,7 @@ def server_argv(model_path: str, port: int, opts: ServerOptions, cpu: Optional[b
         argv.append("--enable-return-routed-experts")
     if opts.random_seed is not None:
         argv += ["--random-seed", str(opts.random_seed)]
-    return argv + list(opts.extra_args)
+    return argv + api_key_args() + list(opts.extra_args)
 
 
 def seeded(opts: ServerOptions, seed: int, index: int) -> ServerOptions:
@@ -87,7 +88,7 @@ def seeded(opts: ServerOptions, seed: int, index: int) -> ServerOptions:
 def get_json(url: str, path: str, timeout: float = 30.0) -> dict:
     """GET url+path and decode the JSON body; ServerError on failure."""
     try:
-        r = requests.get(url + path, timeout=timeout)
+        r = requests.get(url + path, timeout=timeout, headers=auth_headers())
     except requests.RequestException as e:
         raise ServerError(f"GET {url}{path}: {e}") from None
     if r.status_code != 200:
@@ -99,7 +100,7 @@ def post_json(url: str, path: str, payload: Optional[dict] = None, timeout: floa
     """POST a JSON body to url+path; ServerError on a transport error, an HTTP error or a
     `{"success": false}` answer."""
     try:
-        r = requests.post(url + path, json=payload or {}, timeout=timeout)
+        r = requests.post(url + path, json=payload or {}, timeout=timeout, headers=auth_headers())
     except requests.RequestException as e:
         raise ServerError(f"POST {url}{path}: {e}") from None
     if r.status_code != 200:

@@ -34,16 +34,19 @@ from ..learner.hf_convert import export_model_to_hf, gather_full_state, megatron
 from ..learner.model import ModelConfig
 from ..parallel.layout import ParallelLayout
 from ..ports import free_ports
+from .auth import auth_headers
 from .server import ServerError, get_json, post_json, weight_version
 
 GROUP_NAME = "megatron_vespo_weight_update"
 
 
 class WeightSync(Protocol):
-    """How new weights reach the servers. `sync` and `close` are called on every learner rank."""
+    """How new weights reach the servers. `sync` and `close` are called on every learner rank.
+    `fresh`: those of `urls` (re)started since the last sync; a restarted server keeps its URL but
+    none of the state a sync left on it."""
 
     def sync(self, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, layout: ParallelLayout,
-             urls: Sequence[str], version: int) -> None: ...
+             urls: Sequence[str], version: int, fresh: Sequence[str] = ()) -> None: ...
 
     def close(self) -> None: ...
 
@@ -63,7 +66,7 @@ def _each(urls: Sequence[str], call: Callable[[str], object]) -> List[object]:
 def flush_cache(url: str, timeout: float = 60.0) -> None:
     """`/flush_cache` answers plain text, not JSON; HTTP 400 means requests were still running."""
     try:
-        r = requests.post(url + "/flush_cache", timeout=timeout)
+        r = requests.post(url + "/flush_cache", timeout=timeout, headers=auth_headers())
     except requests.RequestException as e:
         raise ServerError(f"POST {url}/flush_cache: {e}") from None
     if r.status_code != 200:
@@ -123,7 +126,7 @@ class DiskWeightSync:
     pause_mode: str = "retract"
 
     def sync(self, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, layout: ParallelLayout,
-             urls: Sequence[str], version: int) -> None:
+             urls: Sequence[str], version: int, fresh: Sequence[str] = ()) -> None:
         path = Path(self.export_dir)
         export_model_to_hf(path, model_chunks, cfg, layout, overwrite=True)  # collective
         error = None
@@ -256,20 +259,23 @@ class DistributedWeightSync:
                 raise
         return _Group(urls, group)
 
-    def _close_group(self) -> None:
+    def _close_group(self, members: Sequence[str]) -> None:
+        """Destroy the group here and on those of its servers still in `members` (the others are
+        dead, or restarted without it)."""
         if self._group is None:
             return
         old, self._group = self._group, None
         dist.destroy_process_group(old.group)
-        _each(old.urls, lambda url: post_json(url, "/destroy_weights_update_group",
-                                              {"group_name": GROUP_NAME}, self.timeout_s))
+        _each([u for u in old.urls if u in members],
+              lambda url: post_json(url, "/destroy_weights_update_group", {"group_name": GROUP_NAME},
+                                    self.timeout_s))
 
     def close(self) -> None:
         """Destroy the update group on rank 0 and on its servers. Collective over the learner."""
         error = None
         if dist.get_rank() == 0:
             try:
-                self._close_group()
+                self._close_group(self._group.urls if self._group else ())
             except Exception as exc:  # noqa: BLE001 - raised on every rank below
                 error = exc
         _raise_everywhere(error)
@@ -308,7 +314,7 @@ class DistributedWeightSync:
         _each(urls, lambda url: post_json(url, "/end_weight_update", {}, self.timeout_s))
 
     def sync(self, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, layout: ParallelLayout,
-             urls: Sequence[str], version: int) -> None:
+             urls: Sequence[str], version: int, fresh: Sequence[str] = ()) -> None:
         full = gather_full_state(model_chunks, cfg, layout)  # collective; the full state on rank 0
         error = None
         if dist.get_rank() == 0:
@@ -316,8 +322,9 @@ class DistributedWeightSync:
                 urls = tuple(urls)
                 if not urls:
                     raise ValueError("no server URLs to sync")
-                if self._group is not None and self._group.urls != urls:
-                    self._close_group()  # the fleet changed: a new group with the new members
+                if self._group is not None and (self._group.urls != urls or fresh):
+                    # the fleet changed: a new group with the new members
+                    self._close_group([u for u in urls if u not in fresh])
                 if self._group is None:
                     self._group = self._open(urls)
                 hf_state = megatron_to_hf(full, cfg)

@@ -82,11 +82,14 @@ trap on_time_limit TERM
 
 # Component 1, in the background: one step, one task per server (__SERVERS__ per node, block-distributed
 # as worker_urls lists them); task 0, on the first fleet node, also runs the router. A task's port
-# is known only inside the task, hence the bash -c. One server failing ends the whole step.
+# and address (its node's, which it binds to: nothing listens on the node's other interfaces) are
+# known only inside the task, hence the bash -c. One server failing for good ends the whole step.
 srun --het-group=1 --ntasks-per-node=__SERVERS__ --kill-on-bad-exit=1 __SERVER_SRUN__ \
     --output=__RUN_DIR_Q__/fleet-%t.log \
     bash -c '
-        args=(--port "$(($1 + SLURM_LOCALID))")
+        IFS=, read -ra urls <<< "$3"
+        host=${urls[SLURM_PROCID]#http://}
+        args=(--port "$(($1 + SLURM_LOCALID))" --host "${host%:*}")
         if ((SLURM_PROCID == 0)); then args+=(--router-port "$2" --worker-urls "$3"); fi
         shift 3
         exec "$@" "${args[@]}"' fleet-task "$((first_port + 2))" "$router_port" "$worker_csv" \

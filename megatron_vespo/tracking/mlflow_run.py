@@ -227,11 +227,11 @@ class Tracker:
     # ----------------------------------------------------------------------------------- start
     @classmethod
     def start(cls, cfg: TrackingConfig, run_dir: str | os.PathLike, config: Any,
-              resume: bool = False) -> "Tracker":
-        """Create (or, with `resume`, continue) the run and log params, the resolved config and
-        the phi kernel plot. `config` is the project `Config` (any dataclass works; the kernel plot
-        needs `config.algorithm.vespo`). Returns at once if the store is unreachable: everything
-        waits in the outbox."""
+              resume: bool = False, resume_step: Optional[int] = None) -> "Tracker":
+        """Create (or, with `resume`, continue from step `resume_step`) the run and log params,
+        the resolved config and the phi kernel plot. `config` is the project `Config` (any
+        dataclass works; the kernel plot needs `config.algorithm.vespo`). Returns at once if the
+        store is unreachable: everything waits in the outbox."""
         tracker = cls(cfg, run_dir)
         if tracker.uri.startswith(("http://", "https://")):
             # MLflow retries a failed HTTP request 7 times with exponential back-off (~4 minutes)
@@ -239,7 +239,7 @@ class Tracker:
             # log call one connection attempt. Read by MLflow at every request.
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
             os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout_s)
-        tracker._outbox.append({"kind": "start", "resume": bool(resume)})
+        tracker._outbox.append({"kind": "start", "resume": bool(resume), "step": resume_step})
         tracker._outbox.append({"kind": "params", "params": tracker._local(run_params, config) or {}})
         tracker._pump()
         config_file = tracker._local(tracker._write_config, config)
@@ -429,7 +429,7 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=self.uri)
         kind = batch[0]["kind"]
         if kind == "start":
-            self._open_run(batch[0]["resume"])
+            self._open_run(batch[0]["resume"], batch[0].get("step"))
             return
         if self.run_id is None:
             raise _Unsendable(f"no MLflow run exists for a buffered {kind} request")
@@ -477,9 +477,9 @@ class Tracker:
             self._client.log_batch(self.run_id, tags=changed[i:i + MAX_PARAMS_PER_BATCH],
                                    synchronous=True)
 
-    def _open_run(self, resume: bool) -> None:
-        """Continue the stored run (resume) or create one and record its id in the run dir."""
-        experiment_id = self._experiment()
+    def _open_run(self, resume: bool, step: Optional[int]) -> None:
+        """Continue the stored run (resume; from `step`, when given) or create one and record
+        its id in the run dir."""
         if resume and self.run_id is not None:
             try:
                 self._client.get_run(self.run_id)
@@ -488,19 +488,63 @@ class Tracker:
                     raise
                 log.warning("MLflow run %s is gone from %s; starting a new run", self.run_id, self.uri)
             else:
-                self._client.update_run(self.run_id, status="RUNNING")
+                if step is not None and self._logged_after(step):
+                    self._rewind(step)
+                else:
+                    self._client.update_run(self.run_id, status="RUNNING")
                 return
         elif resume:
             log.warning("MLflow: no run of %s recorded in %s; starting a new run", self.uri,
                         self.run_dir / self.RUN_FILE)
-        tags = {"megatron_vespo.run_dir": str(self.run_dir)}
+        self._create_run({})
+        self._record_run()
+
+    def _logged_after(self, step: int) -> bool:
+        """Whether the run holds a step after `step` (every step logs _NONFINITE_METRIC)."""
+        return any(m.step > step for m in self._client.get_metric_history(self.run_id, _NONFINITE_METRIC))
+
+    def _rewind(self, step: int) -> None:
+        """Continue in a new run holding the old run's params, tags and metric history up to
+        `step`. MLflow cannot delete logged values: continuing the old run would show every step
+        after `step` twice, once from the attempt the checkpoint does not continue. The old run is
+        ended KILLED and tagged with its successor; its artifacts stay with it."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        old = self._client.get_run(self.run_id)
+        tags = {k: v for k, v in old.data.tags.items() if not k.startswith("mlflow.")}
+        self._create_run({**tags, "megatron_vespo.rewound_from_run": old.info.run_id,
+                          "megatron_vespo.rewound_to_step": str(step)})
+        params = [Param(k, v) for k, v in old.data.params.items()]
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH],
+                                   synchronous=True)
+        kept = [Metric(m.key, m.value, m.timestamp, m.step) for key in old.data.metrics
+                for m in self._client.get_metric_history(old.info.run_id, key) if m.step <= step]
+        for i in range(0, len(kept), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=kept[i:i + MAX_METRICS_PER_BATCH],
+                                   synchronous=True)
+        self._client.log_batch(old.info.run_id, tags=[RunTag("megatron_vespo.rewound_into_run",
+                                                             self.run_id)], synchronous=True)
+        self._client.set_terminated(old.info.run_id, status="KILLED")
+        self._record_run()  # only now: a resume cut short before this forks the old run again
+        log.warning("MLflow: run %s had steps after step %d, which this resume trains again; it "
+                    "continues as run %s with the history up to step %d (MLflow cannot delete "
+                    "logged values)", old.info.run_id, step, self.run_id, step)
+
+    def _create_run(self, tags: dict[str, str]) -> None:
+        """A new run in the experiment (not yet recorded in the run dir)."""
+        experiment_id = self._experiment()
+        tags = {**tags, "megatron_vespo.run_dir": str(self.run_dir)}
         state = git_state(_SOURCE_DIR)
         if state is not None:
             tags["mlflow.source.git.commit"] = state[0]
         run = self._client.create_run(experiment_id, run_name=self.cfg.run_name or self.run_dir.name,
                                       tags=tags)
         self.run_id = run.info.run_id
-        record = {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": self.uri}
+
+    def _record_run(self) -> None:
+        """This tracker's run is the run directory's (`RUN_FILE`)."""
+        record = {"run_id": self.run_id, "experiment_id": self._experiment(), "tracking_uri": self.uri}
         path = self.run_dir / self.RUN_FILE
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -590,8 +634,9 @@ class NullTracker:
 
 
 def start_tracker(cfg: TrackingConfig, run_dir: str | os.PathLike, config: Any, *,
-                  resume: bool = False, rank: int = 0) -> Tracker | NullTracker:
+                  resume: bool = False, resume_step: Optional[int] = None,
+                  rank: int = 0) -> Tracker | NullTracker:
     """`Tracker.start` on rank 0 with tracking enabled; a `NullTracker` everywhere else."""
     if rank != 0 or not cfg.enabled:
         return NullTracker()
-    return Tracker.start(cfg, run_dir, config, resume)
+    return Tracker.start(cfg, run_dir, config, resume, resume_step)

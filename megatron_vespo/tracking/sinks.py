@@ -72,7 +72,8 @@ class RunSinks:
                       flush=True)
         self.jsonl = JsonlMetrics(self.run_dir / "metrics.jsonl")
         self._consumed = open(self.run_dir / "samples_consumed.jsonl", "a")
-        self.tracker = start_tracker(config.tracking, self.run_dir, config, resume=resume)
+        self.tracker = start_tracker(config.tracking, self.run_dir, config, resume=resume,
+                                     resume_step=start_step)
         # Into a job's log file (not a terminal) the bar writes a line every 30 s, not every step.
         self.bar = tqdm(total=config.train.max_steps or None, initial=start_step, unit="step",
                         desc="train", dynamic_ncols=True,
