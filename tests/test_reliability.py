@@ -480,6 +480,24 @@ def test_the_launcher_fails_as_soon_as_one_rank_fails():
     assert time.monotonic() - start < 120
 
 
+def listening_addresses(rank, world_size):
+    """The addresses this rank's process listens on, once every rank has met."""
+    import psutil
+    import torch.distributed as dist
+
+    dist.barrier()
+    return sorted({c.laddr.ip for c in psutil.Process().net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN})
+
+
+def test_local_ranks_listen_on_no_wildcard_address():
+    """Before: the ranks met at a TCP store that listened on every interface without a key."""
+    from megatron_vespo.launch import run_ranks as launch
+
+    for addresses in launch(listening_addresses, 2, timeout=300):
+        assert not {"0.0.0.0", "::"} & set(addresses), addresses
+
+
 def test_a_run_directory_has_one_trainer_and_a_dead_holder_is_taken_over(tmp_path, capsys):
     from megatron_vespo.run_lock import RunDirInUse, RunDirLock
 

@@ -105,6 +105,9 @@ class Fleet:
         self._returning: dict[str, float] = {}  # removed as dead, awaited back: url -> since when
         self._restarts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        # One restart decision at a time: the async producer's health checks and the trainer's
+        # weight sync both look at restarting servers.
+        self._restart_lock = threading.RLock()
         self._closed = False
 
     @classmethod
@@ -191,14 +194,16 @@ class Fleet:
         for url in dead:
             logger.warning("rollout server %s is not answering /health: removing it from the fleet", url)
             self.remove_worker(url)
-            self._bring_back(url)
+            with self._restart_lock:
+                self._bring_back(url)
         if not self.worker_urls:
             raise FleetError(f"no healthy rollout server left behind router {self.router_url} "
                              f"(removed as dead: {dead or 'none'}; members before the check: {members})")
         return dead
 
     def _bring_back(self, url: str) -> None:
-        """Await `url` back; restart it first when this fleet launched it and restarts are left."""
+        """Await `url` back; restart it first when this fleet launched it and restarts are left.
+        The caller holds `_restart_lock`."""
         server = self._server(url)
         if server is not None:
             if self._restarts[url] >= self.cfg.max_restarts:
@@ -220,20 +225,21 @@ class Fleet:
         """Servers removed as dead that answer /health again: give them the current weights, then
         `rejoin` them. A restart that failed (the process exited, or it did not answer within
         `server.startup_timeout_s`) is retried while restarts are left."""
-        with self._lock:
-            awaited = dict(self._returning)
-        back = []
-        for url, since in awaited.items():
-            server = self._server(url)
-            failed = server is not None and (
-                not server.alive or time.monotonic() - since > self.cfg.server.startup_timeout_s)
-            if failed:
-                logger.warning("restart of rollout server %s failed; log %s:\n%s", url,
-                               server.log_path, server.log_tail(10))
-                self._bring_back(url)
-            elif is_healthy(url, timeout=2.0):
-                back.append(url)
-        return back
+        with self._restart_lock:
+            with self._lock:
+                awaited = dict(self._returning)
+            back = []
+            for url, since in awaited.items():
+                server = self._server(url)
+                failed = server is not None and (
+                    not server.alive or time.monotonic() - since > self.cfg.server.startup_timeout_s)
+                if failed:
+                    logger.warning("restart of rollout server %s failed; log %s:\n%s", url,
+                                   server.log_path, server.log_tail(10))
+                    self._bring_back(url)
+                elif is_healthy(url, timeout=2.0):
+                    back.append(url)
+            return back
 
     def rejoin(self, urls: list[str]) -> None:
         """Members again (`returning` servers that now hold the current weights): registered with
