@@ -13,6 +13,7 @@ is the task's prompt cursor.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -24,11 +25,14 @@ from .learner.sample_files import recorded
 from .learner.samples import RolloutBatch
 from .rollout.auth import run_api_key, use_api_key
 from .rollout.client import RolloutClient
-from .rollout.fleet import Fleet
+from .rollout.fleet import Fleet, FleetError
+from .rollout.server import is_healthy
 from .rollout.source import RolloutSource
 from .rollout.weight_sync import DiskWeightSync, DistributedWeightSync, name_version
 from .tasks import build_task, load_tokenizer
 from .trainer import broadcast_object, build_learner, train_rank
+
+logger = logging.getLogger(__name__)
 
 
 class FleetSource:
@@ -94,13 +98,37 @@ class FleetSource:
 
     def _sync(self, learner: Learner) -> None:
         """The weights to every member of the fleet and to every server that came back since the
-        last sync (restarted), which then rejoins: it serves nothing older than this version."""
-        members, back = broadcast_object(
-            (self.fleet.worker_urls, self.fleet.returning()) if self.fleet else None, self.control)
-        self.weights.sync([c.module for c in learner.chunks], self.config.model,
-                          self.config.parallel, members + back, learner.policy_version, fresh=back)
+        last sync (restarted), which then rejoins: it serves nothing older than this version. A
+        server that dies during the sync is taken out (and brought back later) and the sync runs
+        again without it; any other failure ends the run."""
+        while True:
+            members, back = broadcast_object(
+                (self.fleet.worker_urls, self.fleet.returning()) if self.fleet else None,
+                self.control)
+            try:
+                self.weights.sync([c.module for c in learner.chunks], self.config.model,
+                                  self.config.parallel, members + back, learner.policy_version,
+                                  fresh=back)
+            except Exception as error:  # noqa: BLE001 - raised again unless a server died
+                died = broadcast_object(self._died(back) if self.fleet else None, self.control)
+                if not died:
+                    raise
+                if self.fleet is not None:
+                    logger.warning("weight sync to version %d: %s died during it (%s); syncing "
+                                   "again without it", learner.policy_version, died, error)
+                continue
+            break
         if self.fleet is not None and back:
             self.fleet.rejoin(back)
+
+    def _died(self, back: list[str]) -> list[str]:
+        """Rank 0: the members, and the returning servers `back`, found dead now (members are
+        taken out; all are brought back later); [] when none is, or when no member is left."""
+        try:
+            dead = self.fleet.check_health()
+        except FleetError:
+            return []
+        return dead + [url for url in back if not is_healthy(url)]
 
     def next_batch(self) -> Optional[RolloutBatch]:
         r = self.config.rollout

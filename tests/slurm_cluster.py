@@ -66,7 +66,9 @@ class LocalSlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire: how long a killed job's credential stays revoked, which is also how
+            # long Slurm holds a requeued job (default 120 s; a job started before fails at once).
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={self.root}/state",
             f"SlurmdSpoolDir={self.root}/spool/%n",
             f"SlurmctldPidFile={self.root}/slurmctld.pid",

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megatron_vespo.rollout.auth import run_api_key, use_api_key
+
 # server, shm_dir: pytest fixtures (a real mlflow server with its store on /dev/shm)
 from tests.mlflow_server import artifacts, server, shm_dir  # noqa: F401
 
@@ -142,9 +144,10 @@ def _kill_server(port: int) -> None:
     """SIGKILL the SGLang server on `port` and its children (its process group): a crash."""
     import psutil
 
+    # The server's own process leads its session (children forked by sglang share its cmdline).
     (leader,) = [p for p in psutil.process_iter(["cmdline"])
                  if "megatron_vespo.rollout.sglang_main" in (p.info["cmdline"] or [])
-                 and str(port) in p.info["cmdline"]]
+                 and str(port) in p.info["cmdline"] and os.getsid(p.pid) == p.pid]
     os.killpg(leader.pid, signal.SIGKILL)
 
 
@@ -170,10 +173,17 @@ def test_servers_killed_mid_run_come_back_and_ctrl_c_leaves_a_resumable_checkpoi
     run_dir = tmp_path / "run"
     proc, _ = _start(config, run_dir, 2)
     router_url, victim_url = f"http://127.0.0.1:{router}", f"http://127.0.0.1:{victim}"
-    for _ in range(2):
-        _kill_server(victim)
-        _wait_listed(router_url, victim_url, False, proc)  # found dead, removed
-        _wait_listed(router_url, victim_url, True, proc)  # restarted, synced, rejoined
+    use_api_key(run_api_key(run_dir))  # the router answers /workers only with the run's key
+    try:
+        for _ in range(2):
+            _kill_server(victim)
+            _wait_listed(router_url, victim_url, False, proc)  # found dead, removed
+            _wait_listed(router_url, victim_url, True, proc)  # restarted, synced, rejoined
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run, its fleet (their watchdogs), nothing left
+        raise
+    finally:
+        use_api_key(None)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]

@@ -3,7 +3,7 @@
 One module-scoped fleet of two servers serving a tiny dense Qwen3 (built here, no downloads), started
 concurrently (start-up dominates: ~40-60 s). The router runs with its own retries off so that the
 kill test exercises the client's retry path, not the router's. The kill test destroys a server, so
-it runs last.
+it runs last, followed only by the test that restarts that server.
 """
 
 from __future__ import annotations
@@ -289,6 +289,19 @@ def test_killing_a_server_mid_batch_loses_and_duplicates_nothing(fleet, caplog):
     assert fleet.worker_urls == [survivor.url]
     assert [w.url for w in fleet.router.workers()] == [survivor.url]
     assert any(victim.url in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_a_restarted_server_rejoins_through_the_router_with_the_runs_key(fleet):
+    """After the kill test: the killed server, started again, is registered with the router,
+    which must send it the run's key (a worker added without one would answer the router 401)."""
+    victim, survivor = fleet.servers
+    victim.restart()
+    victim.wait_healthy()
+    fleet.rejoin([victim.url])
+    assert sorted(w.url for w in fleet.router.workers()) == sorted([victim.url, survivor.url])
+    client = RolloutClient(fleet, SamplingOptions(max_new_tokens=4), n=2, max_in_flight=4)
+    gens = asyncio.run(client.generate(prompts(8, start=300), progress=False))
+    assert len(gens) == 16 and client.stats.requests_retried == 0  # round robin: both served
 
 
 def test_servers_sample_with_seeds_from_the_run():

@@ -47,6 +47,11 @@ def use_api_key(key: Optional[str]) -> None:
     _key = key
 
 
+def api_key() -> Optional[str]:
+    """This process's fleet key (None without one)."""
+    return _key
+
+
 def api_key_args() -> list[str]:
     """The `--api-key` flag of the servers and router this process starts ([] without a key)."""
     return ["--api-key", _key] if _key else []

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import requests
 
-from .auth import api_key_args, auth_headers
+from .auth import api_key, api_key_args, auth_headers
 from .process import SessionProcess
 
 
@@ -74,8 +74,10 @@ class RouterClient:
         return next((w for w in self.workers() if w.url == url), None)
 
     def add_worker(self, url: str) -> None:
-        """Queue `url` for registration; `wait_workers` blocks until it has joined."""
-        self._call("POST", "/workers", json={"url": url})
+        """Queue `url` for registration; `wait_workers` blocks until it has joined. The router
+        sends a worker the key it was registered with (none otherwise, whatever its own)."""
+        key = api_key()
+        self._call("POST", "/workers", json={"url": url, **({"api_key": key} if key else {})})
 
     def remove_worker(self, url: str, timeout_s: float = 30.0) -> bool:
         """Remove `url` from the router and wait until it is no longer listed; False if it was not
