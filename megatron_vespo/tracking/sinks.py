@@ -100,8 +100,9 @@ class RunSinks:
         """One step's row (its evaluation included, when one followed it)."""
         self.jsonl.log(step, metrics)
         self.tracker.log_metrics(step, metrics)
+        # The fields first, then the count: update() redraws at most every mininterval.
+        self.bar.set_postfix(_progress_fields(metrics), refresh=False)
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(_progress_fields(metrics), refresh=True)
 
     def close(self, status: str) -> None:
         self.bar.close()
