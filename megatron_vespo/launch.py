@@ -23,7 +23,6 @@ import torch
 import torch.multiprocessing as mp
 
 
-
 def init_rank(rank: int, world_size: int, init_method: str) -> None:
     """Prepare this process as one rank: CPU shim (no GPU), one thread per rank on CPU, the default
     process group."""

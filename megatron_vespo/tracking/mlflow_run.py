@@ -508,16 +508,13 @@ class Tracker:
         `step`. MLflow cannot delete logged values: continuing the old run would show every step
         after `step` twice, once from the attempt the checkpoint does not continue. The old run is
         ended KILLED and tagged with its successor; its artifacts stay with it."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, RunTag
 
         old = self._client.get_run(self.run_id)
         tags = {k: v for k, v in old.data.tags.items() if not k.startswith("mlflow.")}
         self._create_run({**tags, "megatron_vespo.rewound_from_run": old.info.run_id,
                           "megatron_vespo.rewound_to_step": str(step)})
-        params = [Param(k, v) for k, v in old.data.params.items()]
-        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH],
-                                   synchronous=True)
+        self._send_params(old.data.params)  # the new run lacks them all
         kept = [Metric(m.key, m.value, m.timestamp, m.step) for key in old.data.metrics
                 for m in self._client.get_metric_history(old.info.run_id, key) if m.step <= step]
         for i in range(0, len(kept), MAX_METRICS_PER_BATCH):
