@@ -209,14 +209,16 @@ def moe_train_step(dry_run: bool, seqs: int = 4, seq_len: int = 4096, steps: int
 def _bucket_rank(rank, world_size, megabytes):
     import torch.distributed as dist
 
-    from megatron_vespo.rollout.weight_sync import buckets, flatten_bucket
+    from megatron_vespo.rollout.weight_sync import flatten_bucket
 
-    state = {f"layer{i}.weight": torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
-             for i in range(megabytes // 2)}
+    state = [(f"layer{i}.weight", torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16))
+             for i in range(megabytes // 2)]
+    per_bucket = 32  # 2 MiB tensors: 64 MiB buckets
     group = dist.new_group([0], backend="nccl")
     start = time.perf_counter()
     sent = 0
-    for bucket in buckets(state, 64 << 20):
+    for i in range(0, len(state), per_bucket):
+        bucket = state[i:i + per_bucket]
         flat, meta = flatten_bucket(bucket)
         dist.broadcast(flat, src=0, group=group)
         sent += flat.numel()

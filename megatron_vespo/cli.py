@@ -108,7 +108,7 @@ def train(args: argparse.Namespace) -> int:
     if not args.rollouts:
         _check_online(config)
     if config.train.init_hf_checkpoint:
-        from .learner.hf_convert import check_hf_checkpoint
+        from .learner.hf_files import check_hf_checkpoint
 
         # Before any rank starts or anything is written: one clear error naming the field.
         check_hf_checkpoint(config.train.init_hf_checkpoint, config.model)

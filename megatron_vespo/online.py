@@ -50,10 +50,13 @@ class FleetSource:
         if r.weight_sync == "disk":
             # Beside weights/initial and the Slurm servers' placeholders, which restarted servers
             # start from: the export replaces its whole directory.
-            self.weights = DiskWeightSync(self.run_dir / "weights" / "synced")
+            self.weights = DiskWeightSync(self.run_dir / "weights" / "synced",
+                                          check=r.check_weight_update,
+                                          shard_bytes=r.weight_bucket_mb << 20)
         else:
             self.weights = DistributedWeightSync(bucket_bytes=r.weight_bucket_mb << 20,
-                                                 master_address=r.weight_sync_address)
+                                                 master_address=r.weight_sync_address,
+                                                 check=r.check_weight_update)
         self.fleet: Optional[Fleet] = None
         self.rollout: Optional[RolloutSource] = None
         self.task = None
@@ -70,12 +73,12 @@ class FleetSource:
         if model_path is None or learner.policy_version > 0:
             model_path = str(self.run_dir / "weights" / "initial")
             export_model_to_hf(model_path, chunks, config.model, config.parallel, overwrite=True)
+        use_api_key(run_api_key(self.run_dir))  # every pipeline stage's sender talks to the servers
         if self.rank == 0:
             tokenizer = load_tokenizer(config.task, cfg.init_hf_checkpoint)
             self.task = build_task(config.task, tokenizer)
             if self._task_state:
                 self.task.load_state_dict(self._task_state)
-            use_api_key(run_api_key(self.run_dir))
             if r.fleet.attach_router_url:
                 self.fleet = Fleet.attach(r.fleet)
             else:

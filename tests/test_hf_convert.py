@@ -21,17 +21,18 @@ import os
 import pytest
 import torch
 
-from megatron_vespo.learner.hf_convert import (
+from megatron_vespo.learner.hf_config import (
     CheckpointError,
     check_same_architecture,
     hf_config_from_model,
+    model_config_from_hf,
+)
+from megatron_vespo.learner.hf_files import load_hf_checkpoint, save_hf_checkpoint
+from megatron_vespo.learner.state_adapter import (
     hf_tensor_shapes,
     hf_to_megatron,
-    load_hf_checkpoint,
     megatron_tensor_shapes,
     megatron_to_hf,
-    model_config_from_hf,
-    save_hf_checkpoint,
 )
 from megatron_vespo.learner.model import ModelConfig
 from tests.distributed import run_ranks
@@ -219,7 +220,7 @@ def test_tied_embeddings(checkpoints, tmp_path):
 
 def test_local_and_transformer_engine_names():
     """Both megatron specs map onto the same canonical names (layer and expert offsets applied)."""
-    from megatron_vespo.learner.hf_convert import _canonical_name
+    from megatron_vespo.parallel.sharded_state import canonical_name
 
     cfg = ModelConfig(family="qwen3_moe", num_experts=8)
     for local, canonical in [
@@ -234,9 +235,8 @@ def test_local_and_transformer_engine_names():
              "decoder.layers.5.mlp.experts.local_experts.7.linear_fc2.weight"),
             ("decoder.final_layernorm.weight", "decoder.final_layernorm.weight"),
             ("output_layer.weight", "output_layer.weight")]:
-        assert _canonical_name(local, 4, 4, cfg) == canonical
-    tied = ModelConfig(family="qwen2", tie_word_embeddings=True)
-    assert _canonical_name("output_layer.weight", 0, 0, tied) == "embedding.word_embeddings.weight"
+        assert canonical_name(local, 4, 4, cfg.tie_word_embeddings) == canonical
+    assert canonical_name("output_layer.weight", 0, 0, True) == "embedding.word_embeddings.weight"
 
 
 def test_checkpoint_config_tensor_mismatch_names_tensor(checkpoints, tmp_path):
@@ -390,9 +390,13 @@ def worker(rank, world_size, cases, checkpoints, ids, out_root, error_case=None)
 
     import torch.distributed as dist
 
-    from megatron_vespo.learner import hf_convert as hc
+    from megatron_vespo.learner.hf_config import CheckpointError
+    from megatron_vespo.learner.hf_convert import export_model_to_hf, load_hf_into_model
+    from megatron_vespo.learner.hf_files import load_hf_checkpoint
     from megatron_vespo.learner.init_weights import init_weights, initial_tensor
+    from megatron_vespo.learner.state_adapter import canonical_state, hf_to_megatron, megatron_to_hf
     from megatron_vespo.parallel.layout import ParallelLayout
+    from megatron_vespo.parallel.sharded_state import ShardMismatch, gather_full_state, load_full_state
 
     results = {}
     for family, name, kw in cases:
@@ -400,62 +404,63 @@ def worker(rank, world_size, cases, checkpoints, ids, out_root, error_case=None)
         kw = dict(kw)
         model_overrides = kw.pop("model", {})
         layout = ParallelLayout(**kw)
-        cfg, hf_state = hc.load_hf_checkpoint(directory, spec="local", **model_overrides)
+        cfg, hf_state = load_hf_checkpoint(directory, spec="local", **model_overrides)
         chunks = _build(cfg, layout)
         # The seeded initial model, gathered from this layout, is the canonical one.
         init_weights(chunks, cfg, layout, seed=5)
-        initial = hc.gather_full_state(chunks, cfg, layout)
+        initial = gather_full_state(chunks, canonical_state(cfg), layout)
         init_exact = None if initial is None else all(
             torch.equal(t, initial_tensor(n, tuple(t.shape), cfg, seed=5)) for n, t in initial.items())
-        hc.load_hf_into_model(directory, chunks, cfg, layout)
+        load_hf_into_model(directory, chunks, cfg, layout)
         logits = _forward(chunks, cfg, layout, ids)
         diff = None if logits is None else (logits - checkpoints[family + ":logits"]).abs().max().item()
 
-        full = hc.gather_full_state(chunks, cfg, layout)
+        full = gather_full_state(chunks, canonical_state(cfg), layout)
         export = os.path.join(out_root, f"{family}-{name}")
-        hc.export_model_to_hf(export, chunks, cfg, layout)
+        # Small shards: every sender writes several files, published with one index.
+        export_model_to_hf(export, chunks, cfg, layout, max_shard_bytes=16 << 10)
         result = dict(diff=diff, init_exact=init_exact)
         if rank == 0:
-            gathered = hc.megatron_to_hf(full, cfg)
-            _, exported = hc.load_hf_checkpoint(export)
+            gathered = megatron_to_hf(full, cfg)
+            _, exported = load_hf_checkpoint(export)
             result.update(
                 gathered_exact=set(gathered) == set(hf_state)
                 and all(torch.equal(gathered[n], hf_state[n]) for n in hf_state),
                 exported_exact=set(exported) == set(hf_state)
                 and all(torch.equal(exported[n], hf_state[n]) for n in hf_state),
-                export_dir=export)
+                export_files=sorted(os.listdir(export)), export_dir=export)
         results[(family, name)] = result
 
         if (family, name) == error_case:  # bad input against a live sharded model
             before = _snapshot(chunks)
             errors = {}
             try:
-                hc.load_hf_into_model(checkpoints["qwen3_moe_wide"], chunks, cfg, layout)
-            except hc.CheckpointError as exc:
+                load_hf_into_model(checkpoints["qwen3_moe_wide"], chunks, cfg, layout)
+            except CheckpointError as exc:
                 errors["wide"] = str(exc)
-            full = hc.hf_to_megatron(hf_state, cfg)
+            full = hf_to_megatron(hf_state, cfg)
             expert = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
             for key, state in (
                     ("missing", {n: t for n, t in full.items() if n != expert}),
                     ("shape", {**full, expert: full[expert][:-2]})):
                 try:
-                    hc.load_full_state(chunks, {n: t + 1 for n, t in state.items()}, cfg, layout)
-                except hc.CheckpointError as exc:
+                    load_full_state(chunks, {n: t + 1 for n, t in state.items()}, canonical_state(cfg), layout)
+                except ShardMismatch as exc:
                     errors[key] = str(exc)
             # A model built for another config: the parameters that do not fit are named.
             other = dataclasses.replace(cfg, moe_intermediate_size=48)
             try:
-                hc.load_full_state(chunks, {n: torch.zeros(s) for n, s in
-                                            hc.megatron_tensor_shapes(other).items()}, other, layout)
-            except hc.CheckpointError as exc:
+                load_full_state(chunks, {n: torch.zeros(s) for n, s in
+                                         canonical_state(other).shapes.items()}, canonical_state(other), layout)
+            except ShardMismatch as exc:
                 errors["model"] = str(exc)
             try:  # the same from gather_full_state: every rank raises, none is left waiting
-                hc.gather_full_state(chunks, other, layout)
-            except hc.CheckpointError as exc:
+                gather_full_state(chunks, canonical_state(other), layout)
+            except ShardMismatch as exc:
                 errors["gather"] = str(exc)
             # Export onto an existing directory fails on rank 0 and raises on every rank.
             try:
-                hc.export_model_to_hf(export, chunks, cfg, layout)
+                export_model_to_hf(export, chunks, cfg, layout)
             except Exception as exc:  # noqa: BLE001
                 errors["export"] = f"{type(exc).__name__}: {exc}"
             errors["untouched"] = _same(before, _snapshot(chunks))
@@ -487,6 +492,10 @@ def _check_case(results, family, layout, checkpoints):
     head = results[0][(family, layout)]
     assert head["gathered_exact"], "gather_full_state -> megatron_to_hf differs from the checkpoint"
     assert head["exported_exact"], "the exported checkpoint differs from the loaded one"
+    shards = [f for f in head["export_files"] if f.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in head["export_files"], head["export_files"]
+    assert not [f for f in os.listdir(os.path.dirname(head["export_dir"])) if f.startswith(".")], \
+        "a staging directory was left behind"
     assert torch.equal(hf_logits(head["export_dir"]), checkpoints[family][1])
 
 
@@ -517,7 +526,7 @@ def test_bad_input_against_live_model(two_rank_results):
         errors = result["errors"]
         assert "hidden_size: checkpoint has 128, model has 64" in errors["wide"]
         expert = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
-        assert f"missing tensors (1): {expert}" in errors["missing"]
+        assert f"missing tensor {expert}" in errors["missing"]
         assert f"{expert}: expected shape (64, 64), found (62, 64)" in errors["shape"]
         # Expert fc1 with ETP=2: the local slice is [gate_r; up_r] of 2 x 48 / 2 rows.
         assert "expected local shape (48, 64) from the config, model has (32, 64)" in errors["model"]

@@ -40,7 +40,7 @@ def make_samples(n=16, vocab=256, seed=0) -> list[Sample]:
 
 def full_state(cfg: ModelConfig, seed=0) -> dict:
     """Random canonical megatron weights (norms near 1), the same for every layout."""
-    from megatron_vespo.learner.hf_convert import megatron_tensor_shapes
+    from megatron_vespo.learner.state_adapter import megatron_tensor_shapes
 
     g = torch.Generator().manual_seed(seed)
     return {name: (1 + 0.1 * torch.randn(shape, generator=g)) if "norm" in name
@@ -51,7 +51,8 @@ def full_state(cfg: ModelConfig, seed=0) -> dict:
 def make_learner(cfg, layout, state, lr=1e-3, distributed_optimizer=False):
     from megatron.core import tensor_parallel
 
-    from megatron_vespo.learner.hf_convert import load_full_state
+    from megatron_vespo.learner.state_adapter import canonical_state
+    from megatron_vespo.parallel.sharded_state import load_full_state
     from megatron_vespo.learner.learner import Learner, LossSettings, OptimConfig
 
     groups = layout.initialize()
@@ -60,7 +61,7 @@ def make_learner(cfg, layout, state, lr=1e-3, distributed_optimizer=False):
     learner = Learner(cfg, layout, groups,
                       OptimConfig(lr=lr, use_distributed_optimizer=distributed_optimizer),
                       LossSettings(loss="vespo"))
-    load_full_state(learner.chunks, state, cfg, layout)
+    load_full_state(learner.chunks, state, canonical_state(cfg), layout)
     learner.optimizer.reload_model_params()
     return learner
 

@@ -113,9 +113,10 @@ def test_missing_or_malformed_engine_routes_name_the_sample():
 def build(state, routing_replay="off", layout_kw=None, **overrides):
     from megatron.core import tensor_parallel
 
-    from megatron_vespo.learner.hf_convert import load_full_state
     from megatron_vespo.learner.learner import Learner, LossSettings, OptimConfig
+    from megatron_vespo.learner.state_adapter import canonical_state
     from megatron_vespo.parallel.layout import ParallelLayout
+    from megatron_vespo.parallel.sharded_state import load_full_state
 
     layout = ParallelLayout(**(layout_kw or {}))
     groups = layout.initialize()
@@ -123,7 +124,7 @@ def build(state, routing_replay="off", layout_kw=None, **overrides):
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     learner = Learner(MOE, layout, groups, OptimConfig(lr=LR),
                       LossSettings(loss="vespo", routing_replay=routing_replay), **overrides)
-    load_full_state(learner.chunks, state, MOE, layout)
+    load_full_state(learner.chunks, state, canonical_state(MOE), layout)
     learner.optimizer.reload_model_params()
     return learner
 

@@ -272,8 +272,8 @@ def test_mismatched_hf_checkpoint_is_named_before_any_rank_starts(tmp_path, caps
     """An init checkpoint saved for another hidden size: the CLI names the field (config.json and
     tensor headers only) before spawning ranks, and no run directory appears."""
     from megatron_vespo.config import load_config
-    from megatron_vespo.learner.hf_convert import (megatron_tensor_shapes, megatron_to_hf,
-                                                   save_hf_checkpoint)
+    from megatron_vespo.learner.hf_files import save_hf_checkpoint
+    from megatron_vespo.learner.state_adapter import megatron_tensor_shapes, megatron_to_hf
 
     wide = dataclasses.replace(load_config(CONFIG).model, hidden_size=128)
     state = {n: torch.zeros(shape) for n, shape in megatron_tensor_shapes(wide).items()}

@@ -6,7 +6,12 @@ the dense model, one for the MoE model). One spawn of two learner ranks then run
 for each model, phase by phase:
 
   phase 0: initial weights; 1: after one optimizer step and `DiskWeightSync`; 2 and 3: after one
-  more step each and `DistributedWeightSync` (gloo; the update group made once and reused).
+  more step each and `DistributedWeightSync` (gloo; the update group made once and reused). Every
+  sync runs the update-equality check (`check=True`); then one sync of each kind alters a tensor
+  on its way to the servers, and the check must fail naming it and the server.
+
+A third job syncs the dense servers from a learner at PP=2: two senders, each with its own update
+group, stream their stages in parallel, and the check proves the servers hold the learner's bytes.
 
 In every phase rank 0 samples responses from each server (`/generate` with log-probs, the MoE server
 also returning routed experts) and scores the phase-0 sequences teacher-forced; the learner computes
@@ -20,6 +25,7 @@ and the update group take free ports.
 
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
@@ -41,6 +47,7 @@ MODELS = {
     "dense": COMMON + ["model.family=qwen3", "model.intermediate_size=128", "parallel.tp=2"],
     "moe": COMMON + ["model.family=qwen3_moe", "model.num_experts=4", "model.num_experts_per_tok=2",
                      "model.moe_intermediate_size=64", "parallel.ep=2"],
+    "dense-pp2": COMMON + ["model.family=qwen3", "model.intermediate_size=128", "parallel.pp=2"],
 }
 SERVERS = {"dense": 2, "moe": 1}  # the dense fleet has two servers: every sync must reach both
 # All three servers run at once: each caps its KV cache (sglang would size it to ~70% of free memory).
@@ -48,6 +55,7 @@ PROMPTS = [[5, 17, 33, 2, 101, 7], [250, 3, 3, 9], [64, 128, 1, 200, 45, 6, 77, 
 RESPONSE_TOKENS = 6
 LOGPROB_TOL = 1e-4
 PHASES = ("initial", "disk", "distributed", "distributed-reused")
+ALTERED = "model.layers.1.self_attn.o_proj.weight"  # the tensor the corrupted syncs change in transit
 HOT = 0.7  # a sampling temperature other than 1
 
 
@@ -154,8 +162,49 @@ def _train_step(learner, sequences):
 
 
 def scenario_worker(rank, world_size, jobs):
-    """`_scenario` for each (name, model dir, urls, export dir) in one spawn of the ranks."""
-    return {job[0]: _scenario(rank, *job) for job in jobs}
+    """`_scenario` (`_pp_scenario` for dense-pp2) for each (name, model dir, urls, export dir) in
+    one spawn of the ranks."""
+    return {job[0]: (_pp_scenario if job[0] == "dense-pp2" else _scenario)(rank, *job) for job in jobs}
+
+
+def _corrupted_syncs(chunks, config, urls, disk, distributed, version):
+    """One sync of each kind with ALTERED changed after the learner hashed it (on its way to the
+    servers): each must fail. Returns the error messages (every rank's)."""
+    from megatron_vespo.learner.hf_files import ShardWriter
+
+    def altered(bucket):
+        return [(n, t + 1 if n == ALTERED else t) for n, t in bucket]
+
+    errors = {}
+    flatten, write = weight_sync.flatten_bucket, ShardWriter.write
+    weight_sync.flatten_bucket = lambda bucket: flatten(altered(bucket))
+    ShardWriter.write = lambda self, bucket: write(self, altered(bucket))
+    try:
+        for kind, sync in (("disk", disk), ("distributed", distributed)):
+            try:
+                sync.sync(chunks, config.model, config.parallel, urls, version)
+                errors[kind] = None
+            except ServerError as exc:
+                errors[kind] = str(exc)
+    finally:
+        weight_sync.flatten_bucket, ShardWriter.write = flatten, write
+    return errors
+
+
+def _pp_scenario(rank, name, model_dir, urls, export_dir):
+    """A PP=2 learner (two senders) trains one step and syncs with the check on."""
+    from megatron_vespo.rollout.weight_sync import DistributedWeightSync
+    from megatron_vespo.trainer import build_learner
+
+    config = _config(name, model_dir)
+    learner = build_learner(config)
+    _train_step(learner, [(p, [1, 2, 3, 4]) for p in PROMPTS])
+    sync = DistributedWeightSync(bucket_bytes=16 << 10, timeout_s=120, master_address="127.0.0.1",
+                                 check=True)
+    sync.sync([c.module for c in learner.chunks], config.model, config.parallel, urls, 10)
+    sender = sync._group is not None
+    sync.close()
+    return {"sender": sender, "versions": [weight_version(u) for u in urls] if rank == 0 else None}
 
 
 def _scenario(rank, name, model_dir, urls, export_dir):
@@ -169,9 +218,9 @@ def _scenario(rank, name, model_dir, urls, export_dir):
     config = _config(name, model_dir)
     learner = build_learner(config)
     chunks = [c.module for c in learner.chunks]
-    disk = DiskWeightSync(export_dir)
+    disk = DiskWeightSync(export_dir, check=True, shard_bytes=64 << 10)  # SGLang reads shards + index
     distributed = DistributedWeightSync(bucket_bytes=64 << 10, timeout_s=120,
-                                        master_address="127.0.0.1")
+                                        master_address="127.0.0.1", check=True)
     phases, first, group = [], None, None
     for version in range(len(PHASES)):
         if version == 1:
@@ -189,6 +238,8 @@ def _scenario(rank, name, model_dir, urls, export_dir):
             served["scored"] = [[_score(u, p, r) for p, r in fixed] for u in urls]
             if version == 0:
                 served["hot"] = [_generate(urls[0], p, moe, temperature=HOT) for p in PROMPTS]
+            if version == 1:
+                served["export_files"] = sorted(os.listdir(export_dir))
         box = [served]
         dist.broadcast_object_list(box, src=0)
         served = box[0]
@@ -205,8 +256,9 @@ def _scenario(rank, name, model_dir, urls, export_dir):
         phases.append(served)
         if version + 1 < len(PHASES):
             _train_step(learner, fresh)
+    corrupted = _corrupted_syncs(chunks, config, urls, disk, distributed, len(PHASES))
     distributed.close()
-    return {"phases": phases} if rank == 0 else None
+    return {"phases": phases, "corrupted": corrupted}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +285,7 @@ def fleet(tmp_path_factory):
     """name -> (model dir, [server URLs]); the servers are stopped at the end of the module."""
     pytest.importorskip("sglang")
     root = tmp_path_factory.mktemp("rollout_weights")
-    dirs = {name: str(root / f"{name}-v0") for name in MODELS}
+    dirs = {name: str(root / f"{name}-v0") for name in SERVERS}
     run_ranks(export_worker, 2, list(dirs.items()))
     ports = iter(_free_server_ports(sum(SERVERS.values())))
     servers = {name: [SGLangServer(dirs[name], next(ports),
@@ -257,7 +309,9 @@ def record(fleet, tmp_path_factory):
     """name -> what the scenario recorded (both models in one spawn of the learner ranks)."""
     jobs = [(name, model_dir, urls, str(tmp_path_factory.mktemp(f"{name}-sync") / "weights"))
             for name, (model_dir, urls) in fleet.items()]
-    return run_ranks(scenario_worker, 2, jobs)[0]
+    jobs.append(("dense-pp2", *jobs[0][1:]))  # the dense servers, now from two senders
+    ranks = run_ranks(scenario_worker, 2, jobs)
+    return {**ranks[0], "ranks": ranks}
 
 
 def _max_diff(a, b):
@@ -283,7 +337,7 @@ def _served_vs_learner(phase):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(SERVERS))
 def test_served_logprobs_match_learner(name, record):
     phase = record[name]["phases"][0]
     diff = _served_vs_learner(phase)
@@ -293,7 +347,7 @@ def test_served_logprobs_match_learner(name, record):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(SERVERS))
 def test_learner_logprobs_follow_the_sampling_temperature(name, record):
     """SGLang reports log-probs of softmax(logits / T) for samples drawn at T; the learner at
     temperature T computes the same, and at T = 1 it would not."""
@@ -308,7 +362,7 @@ def test_learner_logprobs_follow_the_sampling_temperature(name, record):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(SERVERS))
 @pytest.mark.parametrize("version", [1, 2, 3], ids=PHASES[1:])
 def test_weight_sync_serves_new_weights(name, version, record):
     """After each sync every server reports the version and serves the learner's new weights:
@@ -317,6 +371,9 @@ def test_weight_sync_serves_new_weights(name, version, record):
     phase, before = phases[version], phases[version - 1]
     assert phase["versions"] == [str(version)] * SERVERS[name]
     assert {g["version"] for gens in phase["generated"] for g in gens} == {str(version)}
+    if version == 1:  # the servers loaded a sharded export: several files and the index
+        assert "model.safetensors.index.json" in phase["export_files"], phase["export_files"]
+        assert len([f for f in phase["export_files"] if f.endswith(".safetensors")]) > 2
     diff = _served_vs_learner(phase)
     moved = max(_max_diff(a, b) for new, old in zip(phase["scored"], before["scored"])
                 for a, b in zip(new, old))
@@ -354,17 +411,36 @@ def test_routed_experts_match_megatron_router(record):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_buckets_respect_budget_and_dtype():
-    state = {"a": torch.randn(10), "b": torch.randn(3, dtype=torch.float64), "c": torch.randn(30),
-             "d": torch.randn(2), "e": torch.randn(5).bfloat16()}
-    groups = weight_sync.buckets(state, bucket_bytes=60)
-    assert [[n for n, _ in b] for b in groups] == [["a"], ["c"], ["d"], ["b"], ["e"]]
-    assert all(len({t.dtype for _, t in b}) == 1 for b in groups)
-    flat, fields = weight_sync.flatten_bucket([("x", state["a"][:4].reshape(2, 2)), ("y", state["d"])])
-    assert flat.dtype == torch.uint8 and flat.numel() == 6 * 4
-    assert fields == {"names": ["x", "y"], "dtypes": ["float32", "float32"], "shapes": [[2, 2], [2]],
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SERVERS))
+def test_a_corrupted_update_fails_naming_the_tensor_and_the_server(name, record, fleet):
+    """The check compares every server's parameters with the learner's: a tensor altered on its way
+    (in the disk export, in the broadcast) fails the sync on every rank, naming the SGLang
+    parameter, the HF tensor it holds and each server."""
+    urls = fleet[name][1]
+    for rank_result in record["ranks"]:
+        for kind, message in rank_result[name]["corrupted"].items():
+            assert message is not None, f"{name}: the altered {kind} sync passed the check"
+            assert ALTERED in message, message
+            assert all(url in message for url in urls), message
+
+
+@pytest.mark.slow
+def test_two_pipeline_stages_stream_in_parallel_into_the_servers(record, fleet):
+    """PP=2: both stages send (one update group each), and the check finds the servers holding
+    exactly the learner's parameters."""
+    assert [r["dense-pp2"]["sender"] for r in record["ranks"]] == [True, True]
+    assert record["dense-pp2"]["versions"] == ["10"] * SERVERS["dense"]
+
+
+def test_flatten_bucket_lays_tensors_back_to_back():
+    a, b = torch.randn(2, 2), torch.randn(3)
+    flat, fields = weight_sync.flatten_bucket([("x", a.t()), ("y", b)])
+    assert flat.dtype == torch.uint8 and flat.numel() == 7 * 4
+    assert fields == {"names": ["x", "y"], "dtypes": ["float32", "float32"], "shapes": [[2, 2], [3]],
                       "load_format": "flattened_bucket"}
-    assert torch.equal(flat.view(torch.float32)[4:], state["d"])
+    assert torch.equal(flat.view(torch.float32)[:4].reshape(2, 2), a.t())
+    assert torch.equal(flat.view(torch.float32)[4:], b)
 
 
 def test_version_check_names_the_lagging_server(monkeypatch):

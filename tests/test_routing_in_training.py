@@ -36,15 +36,16 @@ def with_engine_routes(samples, seed=1):
 def routing_learner(layout, state, replay, lr):
     from megatron.core import tensor_parallel
 
-    from megatron_vespo.learner.hf_convert import load_full_state
     from megatron_vespo.learner.learner import Learner, LossSettings, OptimConfig
+    from megatron_vespo.learner.state_adapter import canonical_state
+    from megatron_vespo.parallel.sharded_state import load_full_state
 
     groups = layout.initialize()
     torch.manual_seed(1)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     learner = Learner(MOE, layout, groups, OptimConfig(lr=lr),
                       LossSettings(loss="vespo", routing_replay=replay, routing_metrics=True))
-    load_full_state(learner.chunks, state, MOE, layout)
+    load_full_state(learner.chunks, state, canonical_state(MOE), layout)
     learner.optimizer.reload_model_params()
     return learner
 

@@ -30,13 +30,16 @@ import logging
 import os
 import random
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..patches.megatron_core_checkpoint import (prime_distributed_optimizer_state,
+                                                threaded_torch_dist_save_strategy,
+                                                torch_adam_step_tolerance)
 
 logger = logging.getLogger(__name__)
 
@@ -142,76 +145,9 @@ _LAYOUT_METADATA = ("singleton_local_shards", "chained_optim_avoid_prefix",
                     "distrib_optim_sharding_type")
 
 
-def _prime_distributed_optimizer_state(optimizer) -> None:
-    """Give a never-stepped distributed optimizer an Adam state (zeros, step 0) to load into.
-
-    Without TransformerEngine or Apex, megatron's `DistributedOptimizer.state_dict()` reads the
-    step from torch Adam's per-parameter state, which an optimizer that has not stepped yet lacks
-    (it asserts); the loading `sharded_state_dict` calls it before it would initialise the state.
-    """
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    if getattr(dopt, "HAVE_APEX_OR_TE", True):
-        return
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(sub, dopt.DistributedOptimizer) or sub.init_state_fn is None:
-            continue
-        inner = sub.optimizer
-        if all(len(inner.state[p]) > 0 for g in inner.param_groups for p in g["params"]):
-            continue
-        sub.init_state_fn(inner, sub.config)
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p].setdefault("step", torch.tensor(0.0))
-
-
-@contextmanager
-def _torch_adam_step_tolerance(optimizer):
-    """Let megatron's distributed optimizer load its parameter state into torch's Adam.
-
-    Without TransformerEngine or Apex (megatron-core 0.16.1), `DistributedOptimizer.load_state_dict`
-    1. gives torch Adam's per-parameter state one `step` tensor, the same object for every
-       parameter: each later Adam step then increments it once per parameter, and the bias
-       correction of every step after a resume is wrong;
-    2. copies the checkpoint's per-parameter tensors into every entry of that state, `step`
-       included, which the checkpoint does not hold per parameter: KeyError 'step'.
-    For the duration of the load, the per-parameter copy is given the `step` already restored;
-    afterwards each parameter gets its own copy of it. (With TE/Apex nothing changes.)
-    """
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    subs = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(o, dopt.DistributedOptimizer)]
-    if getattr(dopt, "HAVE_APEX_OR_TE", True) or not subs:
-        yield
-        return
-
-    def tolerant(sub, original):
-        def set_states(model_param, tensors):
-            group, order = sub.model_param_group_index_map[model_param]
-            state = sub.optimizer.state[sub.optimizer.param_groups[group]["params"][order]]
-            if "step" in state and "step" not in tensors:
-                tensors = {**tensors, "step": state["step"]}
-            return original(model_param, tensors)
-        return set_states
-
-    for sub in subs:  # instance attributes: the class and other optimizers stay as they are
-        sub._set_main_param_and_optimizer_states = tolerant(
-            sub, sub._set_main_param_and_optimizer_states)
-    try:
-        yield
-    finally:
-        for sub in subs:
-            del sub._set_main_param_and_optimizer_states
-    for sub in subs:
-        for state in sub.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
 def _sharded_model_and_optimizer(learner, metadata: dict, is_loading: bool) -> dict:
     if is_loading:
-        _prime_distributed_optimizer_state(learner.optimizer)
+        prime_distributed_optimizer_state(learner.optimizer)
     state = {key: _unwrap(chunk).sharded_state_dict(metadata=dict(metadata))
              for key, chunk in zip(_model_keys(learner), learner.chunks)}
     if not getattr(learner.optimizer, "is_stub_optimizer", False):
@@ -345,43 +281,14 @@ def _config_record(learner) -> dict:
     }
 
 
-def _threaded_torch_dist_strategy():
-    """megatron's `torch_dist` save strategy, written by torch's own `FileSystemWriter` (threads).
-
-    megatron's synchronous `TorchDistSaveShardedStrategy.save` runs its asynchronous writer in
-    place, which forks one writer process per file; forked from a rank whose gloo and torch
-    threads are running, those children can deadlock (seen on CPU: they wait on a futex forever),
-    and each fork of a large process costs seconds. The files and `.metadata` written here are the
-    same `torch_dist` format (same key translation and planner), so megatron's load strategy
-    reads them unchanged.
-    """
-    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint import save as dcp_save
-
-    class ThreadedTorchDistSaveStrategy(mcore_torch.TorchDistSaveShardedStrategy):
-        def save(self, sharded_state_dict, checkpoint_dir) -> None:
-            sharded_state_dict, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(
-                sharded_state_dict, self.keep_only_main_replica)
-            pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, False)
-            dcp_save(pyt_state_dict,
-                     storage_writer=FileSystemWriter(checkpoint_dir, thread_count=self.thread_count,
-                                                     sync_files=True),
-                     planner=mcore_torch.MCoreSavePlanner(
-                         dedup_replicated_tensors=not self.keep_only_main_replica,
-                         flatten_state_dict=False))
-
-    return ThreadedTorchDistSaveStrategy("torch_dist", 1, thread_count=1)
-
-
 def _save_strategy():
-    """`torch_dist` (see above), with the writes of data-parallel replicas spread over the DP
+    """`torch_dist` (`patches.megatron_core_checkpoint`), with the writes of data-parallel replicas spread over the DP
     ranks by megatron's fully-parallel wrapper (each shard is written once)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper)
 
-    strategy = _threaded_torch_dist_strategy()
+    strategy = threaded_torch_dist_save_strategy()
     dp = ps.get_data_parallel_group(with_context_parallel=True)
     if dist.get_world_size(dp) > 1:
         strategy = FullyParallelSaveStrategyWrapper(strategy, dp)
@@ -539,7 +446,7 @@ def load_checkpoint(learner, root: Union[str, Path]) -> Optional[dict]:
         optimizer_state = loaded["optimizer"]
         if loaded.get("optimizer_structure") != _optimizer_structure(learner.optimizer):
             optimizer_state = _restructured_optimizer_state(state["optimizer"], optimizer_state)
-        with _torch_adam_step_tolerance(learner.optimizer):
+        with torch_adam_step_tolerance(learner.optimizer):
             learner.optimizer.load_state_dict(optimizer_state)
     learner.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     learner.policy_version = int(loaded["policy_version"])

@@ -2,7 +2,7 @@
 
 megatron initialises each rank's shard from that rank's RNG state, so one seed gives different
 models at TP1, EP2 or PP2 (measured: equal at TP1, TP2+SP and DP2, different at EP2 and PP2).
-Here every canonical tensor (`hf_convert.megatron_tensor_shapes` names) is drawn in its full
+Here every canonical tensor (`state_adapter.megatron_tensor_shapes` names) is drawn in its full
 shape from its own generator, seeded by (seed, name), and each rank copies only its slice, as a
 checkpoint would be loaded. Memory: one full tensor at a time; time: each rank draws the tensors
 it holds a slice of.
@@ -21,8 +21,9 @@ from typing import Sequence
 import torch
 
 from ..parallel.layout import ParallelLayout
-from .hf_convert import _local_shards, _take_slice, megatron_tensor_shapes
+from ..parallel.sharded_state import local_shards, take_slice
 from .model import ModelConfig
+from .state_adapter import canonical_state
 
 INIT_STD = 0.02  # megatron's TransformerConfig.init_method_std
 
@@ -44,8 +45,8 @@ def init_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, layo
                  seed: int) -> None:
     """Overwrite this rank's parameters with its slices of the seeded initial model. No
     communication. Load before building the optimizer, or reload its main copies after."""
-    shapes = megatron_tensor_shapes(cfg)
+    state = canonical_state(cfg)
     with torch.no_grad():
-        for shard in _local_shards(model_chunks, cfg, layout):
-            full = initial_tensor(shard.canonical, shapes[shard.canonical], cfg, seed)
-            shard.param.copy_(_take_slice(full, shard))
+        for shard in local_shards(model_chunks, state, layout):
+            full = initial_tensor(shard.canonical, state.shapes[shard.canonical], cfg, seed)
+            shard.param.copy_(take_slice(full, shard))

@@ -20,8 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..learner.hf_convert import hf_tensor_shapes, save_hf_checkpoint
+from ..learner.hf_files import save_hf_checkpoint
 from ..learner.model import ModelConfig
+from ..learner.state_adapter import hf_tensor_shapes
 from ..ports import free_ports
 from .router import RouterProcess
 from .server import SGLangServer, ServerOptions

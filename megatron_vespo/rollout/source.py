@@ -53,13 +53,16 @@ class RolloutConfig:
     partial_rollout: str = "finish"
     sync_interval: int = 1  # optimizer steps between weight syncs (sync mode: every rollout batch)
     wait_timeout_s: float = 3600.0  # a step waiting longer for its groups fails, naming the state
-    # how weights reach the fleet: disk (HF export + /update_weights_from_disk) or distributed
-    # (bucketed broadcast from learner rank 0; NCCL on GPUs, gloo on CPU)
+    # how weights reach the fleet: disk (sharded HF export + /update_weights_from_disk) or
+    # distributed (bucketed broadcasts from each pipeline stage's sender; NCCL on GPUs, gloo on CPU)
     weight_sync: str = "disk"
     weight_bucket_mb: int = 512
-    # distributed: the address the servers reach learner rank 0 at for the weight-update group
-    # (e.g. the InfiniBand interface's); None: this host's name, resolved
+    # distributed: the address the servers reach the senders on learner rank 0's host at for the
+    # weight-update groups (e.g. the InfiniBand interface's); None: the host's name, resolved
     weight_sync_address: Optional[str] = None
+    # after every update, compare each server's parameter checksums with the learner's (CPU servers
+    # with tp_size 1; costs one hash of the model on the senders and on every server)
+    check_weight_update: bool = False
     on_invalid: str = "skip"  # a group with non-finite/misaligned log-probs: skip (counted) or raise
     # write every rollout batch, as it streams to the learners, to RUN_DIR/rollouts/vXXXXXXXX.parquet
     # (the policy version it started at); `train --rollouts RUN_DIR/rollouts` replays them

@@ -1,19 +1,23 @@
 """Push the learner's weights to every SGLang server of a fleet.
 
 Two transports behind one call, `sync(model_chunks, cfg, layout, urls, version)`, made on every
-learner rank (the gathers are collective; only global rank 0 talks to the servers):
+learner rank. Neither ever has the whole model on one host: the model streams bucket by bucket from
+one sender per pipeline stage (`learner.hf_convert.hf_buckets`), each rank holding its own shards
+plus at most two buckets.
 
-* `DiskWeightSync`: the learner exports a HF checkpoint (`export_model_to_hf`), each server reloads
-  it with `/update_weights_from_disk`. Simple and stateless; costs a write and a read of the model.
-* `DistributedWeightSync`: rank 0 gathers the full HF-named state and broadcasts it, bucket by
-  bucket, into a process group it shares with the servers (`/init_weights_update_group`, made once
-  and reused; `close()` tears it down).
+* `DiskWeightSync`: the senders export a sharded HF checkpoint (`export_model_to_hf`), each server
+  reloads it with `/update_weights_from_disk`. Simple and stateless; costs a write and a read.
+* `DistributedWeightSync`: each sender broadcasts its buckets into a process group it shares with
+  the servers (`/init_weights_update_group`, one group per sender, made once and reused; `close()`
+  tears them down). Stages stream in parallel; a sender gathers its next bucket while the previous
+  one is on the wire.
 
-Both do the same dance around the update: `/pause_generation` (retract: in-flight requests go back to
-the queue and are recomputed with the new weights), `/flush_cache`, update, check that every server
-reports the new weight version (`/model_info`), `/continue_generation`. A failed update raises on
-every rank and leaves the servers paused: serving a partial update would produce samples from
-weights nobody can name.
+Both do the same dance around the update, from global rank 0: `/pause_generation` (retract:
+in-flight requests go back to the queue and are recomputed with the new weights), `/flush_cache`,
+update, check that every server reports the new weight version (`/model_info`) and, with
+`check=True`, holds the learner's bytes (`weight_check`), `/continue_generation`. A failed update
+raises on every rank and leaves the servers paused: serving a partial update would produce samples
+from weights nobody can name.
 """
 
 from __future__ import annotations
@@ -24,18 +28,22 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import requests
 import torch
 import torch.distributed as dist
 
-from ..learner.hf_convert import export_model_to_hf, gather_full_state, megatron_to_hf
+from ..learner.hf_convert import EXPORT_SHARD_BYTES, Bucket, export_model_to_hf, hf_buckets
 from ..learner.model import ModelConfig
+from ..learner.state_adapter import canonical_state
 from ..parallel.layout import ParallelLayout
+from ..parallel.sharded_state import plan_stream
+from ..patches.torch_external_group import external_process_group
 from ..ports import free_ports
 from .auth import auth_headers
 from .server import ServerError, get_json, post_json, weight_version
+from .weight_check import StreamChecksums, check_servers, refuse_unsupported
 
 GROUP_NAME = "megatron_vespo_weight_update"
 
@@ -91,25 +99,66 @@ def name_version(urls: Sequence[str], version: int) -> None:
         check_versions(urls, version)
 
 
-def paused_update(urls: Sequence[str], version: int, update: Callable[[], None],
-                  pause_mode: str = "retract") -> None:
-    """Pause every server, flush its cache, run `update`, check the version, resume.
-    On failure the servers stay paused (see the module docstring)."""
+def pause_servers(urls: Sequence[str], pause_mode: str = "retract") -> None:
+    """Stop generation on every server and drop its KV cache, before an update."""
     _each(urls, lambda url: post_json(url, "/pause_generation", {"mode": pause_mode}))
     _each(urls, flush_cache)
-    update()
+
+
+def resume_servers(urls: Sequence[str], version: int,
+                   expected: Optional[Tuple[Dict[str, str], Dict[str, List[str]]]] = None) -> None:
+    """Check the version (and, with `expected` checksums, the bytes) every server now serves, then
+    let them generate again. On failure the servers stay paused (see the module docstring)."""
     check_versions(urls, version)
+    if expected is not None:
+        check_servers(urls, *expected)
     _each(urls, lambda url: post_json(url, "/continue_generation", {}))
 
 
 def _raise_everywhere(error: Optional[BaseException]) -> None:
-    """Collective: rank 0's error (or None) is raised on every rank, so no rank carries on alone."""
-    report = [None if error is None else f"{type(error).__name__}: {error}"]
-    dist.broadcast_object_list(report, src=0)
+    """Collective: any rank's error (or None) is raised on every rank, so no rank carries on
+    alone. The rank's own exception where it has one, else the first failing rank's message."""
+    reports: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
-    if report[0] is not None:
-        raise ServerError(f"weight sync failed on rank 0: {report[0]}")
+    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if failed:
+        raise ServerError(f"weight sync failed on rank {failed[0][0]}: {failed[0][1]}")
+
+
+def _on_rank0(call: Callable[[], object]) -> object:
+    """`call()` on global rank 0, its error raised everywhere; rank 0's result broadcast."""
+    box, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = call()
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error = exc
+    _raise_everywhere(error)
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _Check:
+    """The update-equality check across a sync: each sender's running checksums, then rank 0
+    compares all of them with every server's."""
+
+    def __init__(self, cfg: ModelConfig, enabled: bool) -> None:
+        self.sums = StreamChecksums(cfg) if enabled else None
+
+    def add(self, bucket: Bucket) -> None:
+        if self.sums is not None:
+            self.sums.add(bucket)
+
+    def gathered(self) -> Optional[Tuple[Dict[str, str], Dict[str, List[str]]]]:
+        """Collective: every sender's (digests, parts) merged, on rank 0."""
+        if self.sums is None:
+            return None
+        everyone: List = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (self.sums.digests(), self.sums.parts))
+        return ({k: v for digests, _ in everyone for k, v in digests.items()},
+                {k: v for _, parts in everyone for k, v in parts.items()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,57 +169,46 @@ def _raise_everywhere(error: Optional[BaseException]) -> None:
 @dataclass
 class DiskWeightSync:
     """Export to `export_dir` (replaced atomically each sync), then `/update_weights_from_disk`.
-    The directory must be readable by every server under the same path (shared file system)."""
+    The directory must be readable by every server under the same path (shared file system).
+    shard_bytes: bytes per shard file (and per bucket a sender holds). check: compare every
+    server's checksums with the learner's after each update."""
 
     export_dir: Path
     pause_mode: str = "retract"
+    check: bool = False
+    shard_bytes: int = EXPORT_SHARD_BYTES
 
     def sync(self, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, layout: ParallelLayout,
              urls: Sequence[str], version: int, fresh: Sequence[str] = ()) -> None:
         path = Path(self.export_dir)
-        export_model_to_hf(path, model_chunks, cfg, layout, overwrite=True)  # collective
-        error = None
-        if dist.get_rank() == 0:
-            payload = {"model_path": str(path.resolve()), "weight_version": str(version)}
-            try:
-                paused_update(urls, version, lambda: _each(
-                    urls, lambda url: post_json(url, "/update_weights_from_disk", payload)),
-                    self.pause_mode)
-            except Exception as exc:  # noqa: BLE001 - raised on every rank below
-                error = exc
-        _raise_everywhere(error)
+        if self.check:
+            _on_rank0(lambda: refuse_unsupported(urls))
+        check = _Check(cfg, self.check)
+        export_model_to_hf(path, model_chunks, cfg, layout, overwrite=True,
+                           max_shard_bytes=self.shard_bytes, on_bucket=check.add)
+        expected = check.gathered()
+        payload = {"model_path": str(path.resolve()), "weight_version": str(version)}
+
+        def update() -> None:
+            pause_servers(urls, self.pause_mode)
+            _each(urls, lambda url: post_json(url, "/update_weights_from_disk", payload))
+            resume_servers(urls, version, expected)
+
+        _on_rank0(update)
 
     def close(self) -> None:
         """Nothing to tear down: the servers keep no state of ours."""
 
 
 # ------------------------------------------------------------------------------------------------
-# Distributed (bucketed broadcast)
+# Distributed (bucketed broadcast, one sender per pipeline stage)
 # ------------------------------------------------------------------------------------------------
 
 
-def buckets(state: Dict[str, torch.Tensor], bucket_bytes: int) -> List[List[Tuple[str, torch.Tensor]]]:
-    """Split a named state into broadcast buckets of at most `bucket_bytes` (a larger tensor travels
-    alone), one dtype per bucket: the server cuts its flat byte buffer at each tensor's offset and
-    needs every offset aligned to the tensor's element size. Order within a dtype is kept."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    by_dtype: Dict[torch.dtype, List[List[Tuple[str, torch.Tensor]]]] = {}
-    size: Dict[torch.dtype, int] = {}
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        groups = by_dtype.setdefault(tensor.dtype, [[]])
-        if groups[-1] and size[tensor.dtype] + nbytes > bucket_bytes:
-            groups.append([])
-            size[tensor.dtype] = 0
-        groups[-1].append((name, tensor))
-        size[tensor.dtype] = size.get(tensor.dtype, 0) + nbytes
-    return [bucket for groups in by_dtype.values() for bucket in groups]
-
-
-def flatten_bucket(bucket: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[torch.Tensor, dict]:
+def flatten_bucket(bucket: Bucket) -> Tuple[torch.Tensor, dict]:
     """One uint8 buffer [sum of bytes] of the bucket's tensors back to back, and the
-    `/update_weights_from_distributed` fields describing it (load_format "flattened_bucket")."""
+    `/update_weights_from_distributed` fields describing it (load_format "flattened_bucket"; the
+    server cuts the buffer at each tensor's offset, so a bucket has one dtype: `hf_buckets`)."""
     flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
     meta = {"names": [n for n, _ in bucket],
             "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
@@ -180,76 +218,80 @@ def flatten_bucket(bucket: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[torch.Te
 
 
 def _server_tp(url: str) -> int:
-    """Ranks a server brings to the update group: one per tensor-parallel GPU."""
+    """Ranks a server brings to an update group: one per tensor-parallel GPU."""
     return int(get_json(url, "/server_info")["tp_size"])
-
-
-def _join_group(host: str, port: int, world_size: int, backend: str,
-                timeout: datetime.timedelta) -> dist.ProcessGroup:
-    """Rank 0 of a process group outside the learner's world, built the way sglang's servers build
-    their side: the rendezvous store (we host it) wrapped in PrefixStore(group name), then torch's
-    own group constructor, which adds its per-group and per-device prefixes on both sides alike.
-    torch has no public API for a group that is not a subgroup of the default world, hence the
-    private helper."""
-    from torch.distributed import distributed_c10d as c10d
-
-    store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout)
-    group, _ = c10d._new_process_group_helper(
-        world_size, 0, [], dist.Backend(backend), dist.PrefixStore(GROUP_NAME, store),
-        group_name=GROUP_NAME, timeout=timeout)
-    # broadcast/destroy look the group's rank map up here; our global rank 0 is its rank 0.
-    c10d._world.pg_group_ranks[group] = {r: r for r in range(world_size)}
-    return group
 
 
 @dataclass
 class _Group:
-    urls: Tuple[str, ...]
+    name: str
     group: dist.ProcessGroup
 
 
+@dataclass
+class _InFlight:
+    """A bucket on the wire: our broadcast and every server's receive call."""
+
+    work: dist.Work
+    receives: List[Future]
+    flat: torch.Tensor
+    tensors: int
+
+
 class DistributedWeightSync:
-    """Bucketed broadcast from learner rank 0 into the servers' weight-update group.
+    """Bucketed broadcasts from each pipeline stage's sender into its own weight-update group with
+    the servers.
 
     bucket_bytes: bytes per broadcast (and per server-side receive buffer). timeout_s: limit on every
-    collective of the group and on each HTTP call. backend: "gloo" on CPU, "nccl" with GPUs (None
-    picks by device). master_address: the address servers reach learner rank 0 at (None: this
-    host's name resolved). The group is made on the first sync and reused while the fleet's URLs stay
-    the same; `close()` (every rank) destroys it on both sides.
+    collective of the groups and on each HTTP call. backend: "gloo" on CPU, "nccl" with GPUs (None
+    picks by device). master_address: the address servers reach the senders on global rank 0's
+    host at (None: the host's name resolved; senders on other hosts always use their own name).
+    check: compare every server's checksums with the learner's after each update. The groups are
+    made on the first sync and reused while the fleet's URLs stay the same; `close()` (every rank)
+    destroys them on both sides.
     """
 
     def __init__(self, bucket_bytes: int = 512 << 20, timeout_s: float = 300.0,
                  backend: Optional[str] = None, master_address: Optional[str] = None,
-                 pause_mode: str = "retract") -> None:
+                 pause_mode: str = "retract", check: bool = False) -> None:
         if bucket_bytes < 1 or timeout_s <= 0:
             raise ValueError(f"bucket_bytes ({bucket_bytes}) and timeout_s ({timeout_s}) must be > 0")
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        self.master_address = master_address or socket.gethostbyname(socket.gethostname())
+        self.master_address = master_address
         self.pause_mode = pause_mode
-        self._group: Optional[_Group] = None
+        self.check = check
+        self._group: Optional[_Group] = None  # this rank's group, when it is a sender
+        self._urls: Tuple[str, ...] = ()  # the servers the groups were made with (every rank)
+        self._stale = True  # the groups must be made (again) before the next broadcast
 
-    # -- group life cycle (rank 0) ----------------------------------------------------------------
+    # -- group life cycle (each sender) -------------------------------------------------------------
 
-    def _open(self, urls: Tuple[str, ...]) -> _Group:
-        """Ranks: learner 0, then each server's TP ranks in URL order. The servers join while we
+    def _address(self, rank0_host: str) -> str:
+        host = socket.gethostname()
+        if self.master_address and host == rank0_host:
+            return self.master_address
+        return socket.gethostbyname(host)
+
+    def _open(self, urls: Tuple[str, ...], sizes: Sequence[int], address: str) -> _Group:
+        """Ranks: this sender, then each server's TP ranks in URL order. The servers join while we
         host the rendezvous, so their HTTP calls run alongside our own join."""
-        sizes = _each(urls, _server_tp)
+        name = f"{GROUP_NAME}_{dist.get_rank()}"
         offsets = [1 + sum(sizes[:i]) for i in range(len(urls))]
         world = 1 + sum(sizes)
-        port = free_ports(1, self.master_address)[0]
+        port = free_ports(1, address)[0]
         timeout = datetime.timedelta(seconds=self.timeout_s)
         with ThreadPoolExecutor(max_workers=len(urls)) as pool:
             joins = [pool.submit(post_json, url, "/init_weights_update_group", {
-                "master_address": self.master_address, "master_port": port, "rank_offset": offset,
-                "world_size": world, "group_name": GROUP_NAME, "backend": self.backend},
+                "master_address": address, "master_port": port, "rank_offset": offset,
+                "world_size": world, "group_name": name, "backend": self.backend},
                 self.timeout_s) for url, offset in zip(urls, offsets)]
             try:
-                group = _join_group(self.master_address, port, world, self.backend, timeout)
+                group = external_process_group(address, port, world, 0, self.backend, name, timeout)
             except Exception as exc:
                 errors = [str(f.exception()) for f in joins if f.exception() is not None]
-                raise ServerError(f"weight-update group of {world} ranks did not form: {exc}; "
+                raise ServerError(f"weight-update group {name} of {world} ranks did not form: {exc}; "
                                   f"server answers: {errors or 'none failed'}") from exc
             try:
                 for f in joins:
@@ -257,83 +299,120 @@ class DistributedWeightSync:
             except Exception:
                 dist.destroy_process_group(group)  # a server failed to join: no half-made group
                 raise
-        return _Group(urls, group)
+        return _Group(name, group)
 
     def _close_group(self, members: Sequence[str]) -> None:
-        """Destroy the group here and on those of its servers still in `members` (the others are
-        dead, or restarted without it)."""
+        """Destroy this sender's group here and on `members` (its servers still alive and not
+        restarted since: the others no longer have it)."""
         if self._group is None:
             return
         old, self._group = self._group, None
         dist.destroy_process_group(old.group)
-        _each([u for u in old.urls if u in members],
-              lambda url: post_json(url, "/destroy_weights_update_group", {"group_name": GROUP_NAME},
-                                    self.timeout_s))
+        _each(members, lambda url: post_json(url, "/destroy_weights_update_group",
+                                             {"group_name": old.name}, self.timeout_s))
 
     def close(self) -> None:
-        """Destroy the update group on rank 0 and on its servers. Collective over the learner."""
+        """Destroy the update groups on the senders and on their servers. Collective."""
         error = None
-        if dist.get_rank() == 0:
-            try:
-                self._close_group(self._group.urls if self._group else ())
-            except Exception as exc:  # noqa: BLE001 - raised on every rank below
-                error = exc
+        try:
+            self._close_group(self._urls)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error = exc
+        self._stale = True
         _raise_everywhere(error)
 
     # -- one sync ---------------------------------------------------------------------------------
 
-    def _broadcast(self, urls: Sequence[str], flat: torch.Tensor, fields: dict) -> None:
-        """One bucket: every server posts its receive (which blocks in the broadcast), we send.
-        A server that refuses the call never enters the broadcast, so we watch the answers while
-        it runs and fail at once instead of after the group timeout; the group is then dropped
-        (its pending broadcast can never finish)."""
+    def _start(self, pool: ThreadPoolExecutor, urls: Sequence[str], flat: torch.Tensor,
+               fields: dict) -> _InFlight:
+        """Every server posts its receive (which blocks in the broadcast); we broadcast."""
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
         flat = flat.to(device)
-        with ThreadPoolExecutor(max_workers=len(urls)) as pool:
-            receives: List[Future] = [pool.submit(post_json, url, "/update_weights_from_distributed",
-                                                  fields, self.timeout_s) for url in urls]
-            work = dist.broadcast(flat, group=self._group.group, group_src=0, async_op=True)
-            while not work.is_completed():
-                refused = [f.exception() for f in receives if f.done() and f.exception()]
-                if refused:
-                    self._group = None
-                    raise ServerError(f"a server refused a bucket of {len(fields['names'])} tensors "
-                                      f"during the broadcast: {refused[0]}")
-                time.sleep(0.005)
-            work.wait()  # raises if the group timed out
-            for f in receives:
-                f.result()
+        receives = [pool.submit(post_json, url, "/update_weights_from_distributed", fields,
+                                self.timeout_s) for url in urls]
+        work = dist.broadcast(flat, group=self._group.group, group_src=0, async_op=True)
+        return _InFlight(work, receives, flat, len(fields["names"]))
 
-    def _update(self, urls: Sequence[str], hf_state: Dict[str, torch.Tensor], version: int) -> None:
-        _each(urls, lambda url: post_json(url, "/begin_weight_update", {}, self.timeout_s))
-        for bucket in buckets(hf_state, self.bucket_bytes):
-            flat, fields = flatten_bucket(bucket)
-            # The version is recorded with each bucket; only the last one's matters.
-            self._broadcast(urls, flat, {**fields, "group_name": GROUP_NAME,
-                                         "weight_version": str(version)})
-        _each(urls, lambda url: post_json(url, "/end_weight_update", {}, self.timeout_s))
+    def _wait(self, bucket: _InFlight) -> None:
+        """A server that refuses the call never enters the broadcast, so we watch the answers while
+        it runs and fail at once instead of after the group timeout; the group is then dropped
+        (its pending broadcast can never finish)."""
+        while not bucket.work.is_completed():
+            refused = [f.exception() for f in bucket.receives if f.done() and f.exception()]
+            if refused:
+                self._group = None
+                raise ServerError(f"a server refused a bucket of {bucket.tensors} tensors during "
+                                  f"the broadcast: {refused[0]}")
+            time.sleep(0.005)
+        bucket.work.wait()  # raises if the group timed out
+        for f in bucket.receives:
+            f.result()
+
+    def _send(self, buckets: Iterator[Bucket], urls: Sequence[str], version: int, check: _Check) -> None:
+        """Broadcast this sender's buckets, gathering the next while the previous is on the wire
+        (at most two buckets held: the one in flight and the one being gathered)."""
+        extra = {"group_name": self._group.name, "weight_version": str(version)}
+        in_flight: Optional[_InFlight] = None
+        with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+            for bucket in buckets:
+                check.add(bucket)
+                if in_flight is not None:
+                    self._wait(in_flight)
+                flat, fields = flatten_bucket(bucket)
+                bucket.clear()  # the stream's views of the canonical tensors go with it
+                in_flight = self._start(pool, urls, flat, {**fields, **extra})
+            if in_flight is not None:
+                self._wait(in_flight)
 
     def sync(self, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, layout: ParallelLayout,
              urls: Sequence[str], version: int, fresh: Sequence[str] = ()) -> None:
-        full = gather_full_state(model_chunks, cfg, layout)  # collective; the full state on rank 0
-        error = None
-        if dist.get_rank() == 0:
+        plan = plan_stream(model_chunks, canonical_state(cfg), layout)  # collective
+        is_sender = dist.get_rank() in plan.senders
+
+        def decide():
+            members = tuple(urls)
+            if not members:
+                raise ValueError("no server URLs to sync")
+            if self.check:
+                refuse_unsupported(members)
+            if not (self._stale or self._urls != members or fresh):
+                return members, None
+            keep = [u for u in self._urls if u in members and u not in fresh]
+            return members, (keep, _each(members, _server_tp), socket.gethostname())
+
+        members, reopen = _on_rank0(decide)
+        if reopen is not None:  # the fleet changed (or a sync failed): new groups with the members
+            keep, sizes, rank0_host = reopen
+            error = None
+            if is_sender:
+                try:
+                    self._close_group(keep)
+                    self._group = self._open(members, sizes, self._address(rank0_host))
+                except Exception as exc:  # noqa: BLE001 - raised on every rank below
+                    error = exc
+            self._urls = members
+            _raise_everywhere(error)
+            self._stale = False
+        try:
+            _on_rank0(lambda: (pause_servers(members, self.pause_mode), _each(
+                members, lambda url: post_json(url, "/begin_weight_update", {}, self.timeout_s))))
+            check, error = _Check(cfg, self.check), None
+            buckets = hf_buckets(plan, cfg, self.bucket_bytes)
             try:
-                urls = tuple(urls)
-                if not urls:
-                    raise ValueError("no server URLs to sync")
-                if self._group is not None and (self._group.urls != urls or fresh):
-                    # the fleet changed: a new group with the new members
-                    self._close_group([u for u in urls if u not in fresh])
-                if self._group is None:
-                    self._group = self._open(urls)
-                hf_state = megatron_to_hf(full, cfg)
-                paused_update(urls, version, lambda: self._update(urls, hf_state, version),
-                              self.pause_mode)
+                if is_sender:
+                    self._send(buckets, members, version, check)
             except Exception as exc:  # noqa: BLE001 - raised on every rank below
                 error = exc
-        _raise_everywhere(error)
+            for _ in buckets:  # the rest of the stream (all of it on non-senders): peers send to us
+                pass
+            _raise_everywhere(error)
+            expected = check.gathered()
+            _on_rank0(lambda: (_each(members, lambda url: post_json(
+                url, "/end_weight_update", {}, self.timeout_s)), resume_servers(members, version, expected)))
+        except Exception:
+            self._stale = True
+            raise
 
 
-__all__ = ["DiskWeightSync", "DistributedWeightSync", "WeightSync", "buckets", "check_versions",
-           "flatten_bucket", "flush_cache", "paused_update"]
+__all__ = ["DiskWeightSync", "DistributedWeightSync", "WeightSync", "check_versions",
+           "flatten_bucket", "flush_cache", "name_version", "pause_servers", "resume_servers"]

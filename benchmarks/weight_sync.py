@@ -1,0 +1,370 @@
+"""Weight sync and HF export at scale: streaming from the sharded model versus the former gather
+to rank 0, and a plain broadcast / plain write of the same bytes, in one run.
+
+    python benchmarks/weight_sync.py [--layers 4 8] [--bucket-mb 128]
+
+A synthetic Qwen3-MoE in bfloat16 (hidden 1024, 16 experts of width 1024, vocab 32k; the layer
+counts give the model sizes) is built as real megatron-core GPTModel chunks on 2 gloo ranks, in two
+layouts: TP2 (experts split by expert-TP 2) and EP2. Each rank then, in turn:
+
+* stream sync: `DistributedWeightSync.sync` into the receiver;
+* former sync: `gather_full_state` to rank 0, `megatron_to_hf`, the same buckets broadcast from
+  there (the path this project had before);
+* plain broadcast: the model's bytes, already flat in one buffer on rank 0, broadcast bucket by
+  bucket through the same group (the wire's floor);
+* stream export: `export_model_to_hf` (each sender writes its shard files);
+* plain write: the model's bytes written by rank 0 in bucket-size files.
+
+The receiver is a stand-in for an SGLang server, said so: an HTTP process with the endpoints
+`DistributedWeightSync` calls, which joins the update group as SGLang does (`patches/
+torch_external_group.py`) and receives every bucket into a fresh buffer; it counts the bytes.
+
+Per rank: seconds, peak RSS above the rank's RSS after building the model (sampled every 2 ms;
+glibc is told to map large blocks, so freed buffers leave RSS), and bytes this rank put on the
+wire (counted at the torch.distributed calls: gather, send, broadcast). Targets: streaming's
+extra peak RSS is at most two buckets on every rank at both sizes; the receiver gets the model's
+bytes once; the stream sync takes at most 1.25x the plain broadcast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import add_repo_root, human_bytes, print_table, verdict  # noqa: E402
+
+add_repo_root()
+
+LAYOUTS = {"TP2": dict(tp=2, sequence_parallel=True), "EP2": dict(ep=2)}
+SLACK = 32 << 20  # allocator and gloo buffers on top of the two buckets
+
+
+# ------------------------------------------------------------------------------------------------
+# The stand-in receiver
+# ------------------------------------------------------------------------------------------------
+
+
+def _receiver(port: int, ready) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_vespo.patches.torch_external_group import external_process_group
+
+    groups, state = {}, {"version": "0", "bytes": 0}
+    lock = threading.Lock()  # one update at a time, as SGLang's scheduler does
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/server_info":
+                self._answer({"tp_size": 1, "device": "cpu"})
+            elif self.path == "/model_info":
+                self._answer({"weight_version": state["version"]})
+            else:
+                self._answer({"bytes": state["bytes"]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            if self.path == "/init_weights_update_group":
+                groups[body["group_name"]] = external_process_group(
+                    body["master_address"], body["master_port"], body["world_size"],
+                    body["rank_offset"], body["backend"], body["group_name"],
+                    datetime.timedelta(seconds=300))
+            elif self.path == "/destroy_weights_update_group":
+                dist.destroy_process_group(groups.pop(body["group_name"]))
+            elif self.path == "/update_weights_from_distributed":
+                with lock:
+                    sizes = [torch.empty(0, dtype=getattr(torch, d)).element_size() * _numel(s)
+                             for d, s in zip(body["dtypes"], body["shapes"])]
+                    flat = torch.empty(sum(sizes), dtype=torch.uint8)
+                    dist.broadcast(flat, group=groups[body["group_name"]], group_src=0)
+                    state["bytes"] += flat.numel()
+                    state["version"] = body.get("weight_version", state["version"])
+            elif self.path == "/reset":
+                state["bytes"] = 0
+            self._answer({"success": True})
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    ready.set()
+    server.serve_forever()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------
+
+
+class Peak:
+    """Peak RSS above the RSS at entry, sampled in a thread."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+
+    def __enter__(self):
+        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.extra = self.peak - self.base
+
+
+class WireBytes:
+    """Bytes this rank hands to torch.distributed to send."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.sent = 0
+        self._dist = dist
+        self._originals = {n: getattr(dist, n) for n in ("gather", "send", "broadcast")}
+
+        def gather(tensor, gather_list=None, dst=None, group=None, **kw):
+            if dst != dist.get_rank():
+                self.sent += tensor.numel() * tensor.element_size()
+            return self._originals["gather"](tensor, gather_list, dst=dst, group=group, **kw)
+
+        def send(tensor, dst, *args, **kw):
+            self.sent += tensor.numel() * tensor.element_size()
+            return self._originals["send"](tensor, dst, *args, **kw)
+
+        def broadcast(tensor, src=None, group=None, async_op=False, group_src=None):
+            root = src if group_src is None else group_src
+            mine = dist.get_rank(group) if group is not None else dist.get_rank()
+            if root == mine:
+                receivers = (dist.get_world_size(group) if group is not None else dist.get_world_size()) - 1
+                self.sent += tensor.numel() * tensor.element_size() * receivers
+            return self._originals["broadcast"](tensor, src=src, group=group, async_op=async_op,
+                                                group_src=group_src)
+
+        for name, fn in (("gather", gather), ("send", send), ("broadcast", broadcast)):
+            setattr(dist, name, fn)
+
+    def take(self) -> int:
+        sent, self.sent = self.sent, 0
+        return sent
+
+
+# ------------------------------------------------------------------------------------------------
+# One layout and size, on every rank
+# ------------------------------------------------------------------------------------------------
+
+
+def _model_config(layers: int, hidden: int, vocab: int):
+    from megatron_vespo.learner.model import ModelConfig
+
+    return ModelConfig(family="qwen3_moe", vocab_size=vocab, hidden_size=hidden,
+                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=hidden // 8, num_experts=16, num_experts_per_tok=4,
+                       moe_intermediate_size=hidden, params_dtype="bfloat16", spec="local",
+                       tie_word_embeddings=False)
+
+
+def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir, hidden, vocab):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_vespo.learner.hf_convert import export_model_to_hf
+    from megatron_vespo.learner.hf_files import ShardWriter
+    from megatron_vespo.learner.model import build_model_chunks
+    from megatron_vespo.learner.state_adapter import canonical_state, megatron_to_hf
+    from megatron_vespo.parallel.layout import ParallelLayout
+    from megatron_vespo.parallel.sharded_state import gather_full_state, plan_stream
+    from megatron_vespo.rollout.server import post_json
+    from megatron_vespo.rollout.weight_sync import DistributedWeightSync
+
+    cfg = _model_config(layers, hidden, vocab)
+    layout = ParallelLayout(**LAYOUTS[layout_name])
+    layout.initialize()
+    with torch.no_grad():
+        chunks = build_model_chunks(cfg, layout)
+    own = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
+    plan = plan_stream(chunks, canonical_state(cfg), layout)
+    model_bytes = sum(_numel(e.shape) * e.dtype.itemsize for e in plan.entries)
+    wire = WireBytes()
+    sync = DistributedWeightSync(bucket_bytes=bucket_bytes, timeout_s=600, master_address="127.0.0.1")
+    rows = {}
+
+    def measure(name, fn):
+        dist.barrier()
+        wire.take()
+        with Peak() as peak:
+            fn()
+            dist.barrier()
+        rows[name] = dict(seconds=peak.seconds, extra=peak.extra, sent=wire.take())
+
+    sync.sync(chunks, cfg, layout, [url], 1)  # forms the group: not part of what is measured
+    if rank == 0:
+        post_json(url, "/reset")
+    measure("stream sync", lambda: sync.sync(chunks, cfg, layout, [url], 2))
+    received = None
+    if rank == 0:
+        from megatron_vespo.rollout.server import get_json
+
+        received = get_json(url, "/bytes")["bytes"]
+
+    def former():
+        full = gather_full_state(chunks, canonical_state(cfg), layout)
+        if rank == 0:
+            hf = megatron_to_hf(full, cfg)
+            del full
+            bucket, size = [], 0
+            for name, tensor in hf.items():
+                nbytes = tensor.numel() * tensor.element_size()
+                if bucket and (size + nbytes > bucket_bytes or tensor.dtype != bucket[-1][1].dtype):
+                    sync._wait(sync._start(pool, [url], *_fields(bucket, sync)))
+                    bucket, size = [], 0
+                bucket.append((name, tensor))
+                size += nbytes
+            sync._wait(sync._start(pool, [url], *_fields(bucket, sync)))
+
+    def plain_broadcast(flat):
+        if rank == 0:
+            for start in range(0, model_bytes, bucket_bytes):
+                piece = flat[start:start + bucket_bytes]
+                fields = {"names": ["x"], "dtypes": ["uint8"], "shapes": [[piece.numel()]],
+                          "load_format": "flattened_bucket", "group_name": sync._group.name}
+                sync._wait(sync._start(pool, [url], piece, fields))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        measure("former sync", former)
+        flat = torch.empty(model_bytes if rank == 0 else 0, dtype=torch.uint8).fill_(1)
+        measure("plain broadcast", functools.partial(plain_broadcast, flat))
+        del flat
+    sync.close()
+
+    export = os.path.join(out_dir, f"{layout_name}-{layers}")
+    measure("stream export", lambda: export_model_to_hf(export, chunks, cfg, layout,
+                                                        max_shard_bytes=bucket_bytes))
+
+    def plain_write():
+        if rank == 0:
+            with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+                writer = ShardWriter(Path(tmp))
+                piece = torch.ones(bucket_bytes // 2, dtype=torch.bfloat16)
+                for k in range(-(-model_bytes // bucket_bytes)):
+                    writer.write([(f"x{k}", piece)])
+
+    measure("plain write", plain_write)
+    exported = sum(f.stat().st_size for f in Path(export).glob("*.safetensors")) if rank == 0 else None
+    return dict(rows=rows, own=own, model_bytes=model_bytes, received=received, exported=exported)
+
+
+def _fields(bucket, sync):
+    from megatron_vespo.rollout.weight_sync import flatten_bucket
+
+    flat, fields = flatten_bucket(bucket)
+    return flat, {**fields, "group_name": sync._group.name}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    import multiprocessing as mp
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--bucket-mb", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32768)
+    args = parser.parse_args()
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # the ranks inherit it
+    from megatron_vespo.launch import run_ranks
+    from megatron_vespo.ports import free_ports
+
+    bucket = args.bucket_mb << 20
+    ctx = mp.get_context("spawn")
+    port = free_ports(1, "127.0.0.1")[0]
+    ready = ctx.Event()
+    receiver = ctx.Process(target=_receiver, args=(port, ready), daemon=True)
+    receiver.start()
+    ready.wait(60)
+    url = f"http://127.0.0.1:{port}"
+    table, checks = [], []
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            for layout_name in LAYOUTS:
+                for layers in args.layers:
+                    results = run_ranks(rank_body, 2, layout_name, layers, bucket, url, out_dir,
+                                        args.hidden, args.vocab)
+                    model = results[0]["model_bytes"]
+                    label = f"{layout_name} {human_bytes(model)}"
+                    for path in ("stream sync", "former sync", "plain broadcast", "stream export",
+                                 "plain write"):
+                        for rank, r in enumerate(results):
+                            row = r["rows"][path]
+                            table.append([f"{label} {path} r{rank}", f"{row['seconds']:.2f}",
+                                          human_bytes(row["extra"]), f"{row['extra'] / bucket:.2f}",
+                                          human_bytes(r["own"]), human_bytes(row["sent"])])
+                    stream = [r["rows"]["stream sync"] for r in results]
+                    plain = results[0]["rows"]["plain broadcast"]["seconds"]
+                    ratio = stream[0]["seconds"] / plain
+                    worst = max(r["rows"][p]["extra"] for r in results for p in ("stream sync", "stream export"))
+                    checks.append((label, worst, results[0]["received"], model, ratio,
+                                   results[0]["exported"]))
+                    print(f"done: {label}", flush=True)
+    finally:
+        receiver.terminate()
+    print(f"\nbucket {human_bytes(bucket)}; synthetic Qwen3-MoE bf16 (hidden {args.hidden}, 16 experts), "
+          "2 gloo ranks; receiver: a stand-in for an SGLang server (see the docstring)")
+    print_table(["layout size path rank", "seconds", "peak RSS +", "in buckets", "own shards",
+                 "sent"], table)
+    ok = True
+    for label, worst, received, model, ratio, exported in checks:
+        fits = worst <= 2 * bucket + SLACK
+        once = received == model
+        fast = ratio <= 1.25
+        ok &= fits and once and fast
+        print(f"{label}: streaming peak RSS + {human_bytes(worst)} = {worst / bucket:.2f} buckets "
+              f"(<= 2 + slack: {verdict(fits)}); receiver got {human_bytes(received)} of "
+              f"{human_bytes(model)} ({verdict(once)}); exported {human_bytes(exported)}; "
+              f"stream sync / plain broadcast = {ratio:.2f}x (<= 1.25: {verdict(fast)})")
+    print(f"RESULT: {verdict(ok)}")
+
+
+if __name__ == "__main__":
+    main()
