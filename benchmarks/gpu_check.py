@@ -209,7 +209,7 @@ def moe_train_step(dry_run: bool, seqs: int = 4, seq_len: int = 4096, steps: int
 def _bucket_rank(rank, world_size, megabytes):
     import torch.distributed as dist
 
-    from megatron_vespo.rollout.weight_sync import flatten_bucket
+    from megatron_vespo.learner.hf_files import FlatBucket
 
     state = [(f"layer{i}.weight", torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16))
              for i in range(megabytes // 2)]
@@ -218,11 +218,10 @@ def _bucket_rank(rank, world_size, megabytes):
     start = time.perf_counter()
     sent = 0
     for i in range(0, len(state), per_bucket):
-        bucket = state[i:i + per_bucket]
-        flat, meta = flatten_bucket(bucket)
-        dist.broadcast(flat, src=0, group=group)
-        sent += flat.numel()
-        assert meta["load_format"] == "flattened_bucket"
+        bucket = FlatBucket.of(state[i:i + per_bucket])
+        dist.broadcast(bucket.flat, src=0, group=group)
+        sent += bucket.nbytes
+        assert bucket.fields()["load_format"] == "flattened_bucket"
     torch.cuda.synchronize()
     return sent, time.perf_counter() - start
 

@@ -206,7 +206,7 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
     import torch.distributed as dist
 
     from megatron_vespo.learner.hf_convert import export_model_to_hf
-    from megatron_vespo.learner.hf_files import ShardWriter
+    from megatron_vespo.learner.hf_files import FlatBucket, ShardWriter
     from megatron_vespo.learner.model import build_model_chunks
     from megatron_vespo.learner.state_adapter import canonical_state, megatron_to_hf
     from megatron_vespo.parallel.layout import ParallelLayout
@@ -284,9 +284,9 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
         if rank == 0:
             with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
                 writer = ShardWriter(Path(tmp))
-                piece = torch.ones(bucket_bytes // 2, dtype=torch.bfloat16)
-                for k in range(-(-model_bytes // bucket_bytes)):
-                    writer.write([(f"x{k}", piece)])
+                piece = FlatBucket.of([("x", torch.ones(bucket_bytes // 2, dtype=torch.bfloat16))])
+                for _ in range(-(-model_bytes // bucket_bytes)):
+                    writer.write(piece)
 
     measure("plain write", plain_write)
     exported = sum(f.stat().st_size for f in Path(export).glob("*.safetensors")) if rank == 0 else None
@@ -294,10 +294,10 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
 
 
 def _fields(bucket, sync):
-    from megatron_vespo.rollout.weight_sync import flatten_bucket
+    from megatron_vespo.learner.hf_files import FlatBucket
 
-    flat, fields = flatten_bucket(bucket)
-    return flat, {**fields, "group_name": sync._group.name}
+    flat = FlatBucket.of(bucket)
+    return flat.flat, {**flat.fields(), "group_name": sync._group.name}
 
 
 # ------------------------------------------------------------------------------------------------

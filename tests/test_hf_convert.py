@@ -294,12 +294,14 @@ def test_failed_save_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
     # A failure half-way through writing: no target, no temporary directory left.
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
+    from megatron_vespo.learner.hf_files import ShardWriter
+
+    def failing_save(self, bucket):
+        with open(self.staging / "part-00000.safetensors", "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors_torch, "save_file", failing_save)
+    monkeypatch.setattr(ShardWriter, "write", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_hf_checkpoint(tmp_path / "b", cfg, hf_state)
     assert os.listdir(tmp_path) == []
@@ -310,7 +312,7 @@ def test_failed_save_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     before = {f: open(tmp_path / "c" / f, "rb").read() for f in os.listdir(tmp_path / "c")}
     with pytest.raises(FileExistsError):
         save_hf_checkpoint(tmp_path / "c", cfg, hf_state)
-    monkeypatch.setattr(safetensors_torch, "save_file", failing_save)
+    monkeypatch.setattr(ShardWriter, "write", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_hf_checkpoint(tmp_path / "c", cfg, hf_state, overwrite=True)
     monkeypatch.undo()

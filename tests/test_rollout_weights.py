@@ -170,14 +170,23 @@ def scenario_worker(rank, world_size, jobs):
 def _corrupted_syncs(chunks, config, urls, disk, distributed, version):
     """One sync of each kind with ALTERED changed after the learner hashed it (on its way to the
     servers): each must fail. Returns the error messages (every rank's)."""
-    from megatron_vespo.learner.hf_files import ShardWriter
+    from megatron_vespo.learner.hf_files import FlatBucket, ShardWriter
 
     def altered(bucket):
-        return [(n, t + 1 if n == ALTERED else t) for n, t in bucket]
+        return FlatBucket.of([(n, t + 1 if n == ALTERED else t) for n, t in bucket.tensors])
+
+    def start_altered(self, pool, urls, flat, fields):  # one byte of ALTERED flipped on the wire
+        sizes = [torch.Size(s).numel() * getattr(torch, d).itemsize
+                 for d, s in zip(fields["dtypes"], fields["shapes"])]
+        if ALTERED in fields["names"]:
+            i = fields["names"].index(ALTERED)
+            flat = flat.clone()
+            flat[sum(sizes[:i])] ^= 0xFF
+        return start(self, pool, urls, flat, fields)
 
     errors = {}
-    flatten, write = weight_sync.flatten_bucket, ShardWriter.write
-    weight_sync.flatten_bucket = lambda bucket: flatten(altered(bucket))
+    start, write = weight_sync.DistributedWeightSync._start, ShardWriter.write
+    weight_sync.DistributedWeightSync._start = start_altered
     ShardWriter.write = lambda self, bucket: write(self, altered(bucket))
     try:
         for kind, sync in (("disk", disk), ("distributed", distributed)):
@@ -187,7 +196,7 @@ def _corrupted_syncs(chunks, config, urls, disk, distributed, version):
             except ServerError as exc:
                 errors[kind] = str(exc)
     finally:
-        weight_sync.flatten_bucket, ShardWriter.write = flatten, write
+        weight_sync.DistributedWeightSync._start, ShardWriter.write = start, write
     return errors
 
 
@@ -433,14 +442,18 @@ def test_two_pipeline_stages_stream_in_parallel_into_the_servers(record, fleet):
     assert record["dense-pp2"]["versions"] == ["10"] * SERVERS["dense"]
 
 
-def test_flatten_bucket_lays_tensors_back_to_back():
+def test_a_flat_bucket_lays_tensors_back_to_back():
+    from megatron_vespo.learner.hf_files import FlatBucket
+
     a, b = torch.randn(2, 2), torch.randn(3)
-    flat, fields = weight_sync.flatten_bucket([("x", a.t()), ("y", b)])
-    assert flat.dtype == torch.uint8 and flat.numel() == 7 * 4
-    assert fields == {"names": ["x", "y"], "dtypes": ["float32", "float32"], "shapes": [[2, 2], [3]],
-                      "load_format": "flattened_bucket"}
-    assert torch.equal(flat.view(torch.float32)[:4].reshape(2, 2), a.t())
-    assert torch.equal(flat.view(torch.float32)[4:], b)
+    bucket = FlatBucket.of([("x", a.t()), ("y", b)])
+    assert bucket.flat.dtype == torch.uint8 and bucket.nbytes == 7 * 4
+    assert bucket.fields() == {"names": ["x", "y"], "dtypes": ["float32", "float32"],
+                               "shapes": [[2, 2], [3]], "load_format": "flattened_bucket"}
+    assert torch.equal(bucket.flat.view(torch.float32)[:4].reshape(2, 2), a.t())
+    assert torch.equal(bucket.flat.view(torch.float32)[4:], b)
+    assert all(t.untyped_storage().data_ptr() == bucket.flat.untyped_storage().data_ptr()
+               for _, t in bucket.tensors)
 
 
 def test_version_check_names_the_lagging_server(monkeypatch):

@@ -12,6 +12,7 @@ which slice; streaming the full tensors), `hf_files` (safetensors directories). 
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -19,16 +20,13 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..parallel.layout import ParallelLayout
-from ..parallel.sharded_state import StreamPlan, local_shards, plan_stream, stream_full_tensors, take_slice
+from ..parallel.sharded_state import StreamPlan, deliver, local_shards, plan_stream, take_slice
 from .hf_config import CheckpointError, check_same_architecture
-from .hf_files import HFCheckpoint, ShardWriter, publish, staging_dir
+from .hf_files import FlatBucket, HFCheckpoint, ShardWriter, publish, staging_dir
 from .model import ModelConfig
 from .state_adapter import canonical_state, state_adapter
 
 EXPORT_SHARD_BYTES = 2 << 30  # bytes per exported shard file, and per bucket in flight when exporting
-
-Bucket = List[Tuple[str, torch.Tensor]]
-
 
 def load_hf_into_model(path, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig,
                        layout: ParallelLayout) -> ModelConfig:
@@ -51,32 +49,69 @@ def load_hf_into_model(path, model_chunks: Sequence[torch.nn.Module], cfg: Model
     return checkpoint.cfg
 
 
-def hf_buckets(plan: StreamPlan, cfg: ModelConfig, bucket_bytes: int) -> Iterator[Bucket]:
-    """This rank's share of the model as HF tensors, in buckets of at most `bucket_bytes` (a larger
-    tensor travels alone) and one dtype each; nothing on ranks that send nothing. Collective (see
-    `stream_full_tensors`): every rank must exhaust it. A bucket holds views of at most the
-    canonical tensors it came from; once the consumer drops it, they are freed."""
+class _Filling:
+    """The bucket being filled on a sender: one buffer, views handed out back to back."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype, device) -> None:
+        self.flat = torch.empty(capacity, dtype=torch.uint8, device=device)
+        self.dtype, self.used = dtype, 0
+        self.tensors: List[Tuple[str, torch.Tensor]] = []
+
+    def fits(self, nbytes: int, dtype: torch.dtype) -> bool:
+        return dtype == self.dtype and self.used + nbytes <= self.flat.numel()
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        view = self.flat[self.used:self.used + nbytes].view(dtype).view(shape)
+        self.used += nbytes
+        return view
+
+    def done(self) -> FlatBucket:
+        return FlatBucket(self.flat[:self.used], self.tensors)
+
+
+def hf_buckets(plan: StreamPlan, cfg: ModelConfig, bucket_bytes: int) -> Iterator[FlatBucket]:
+    """This rank's share of the model as buckets of HF tensors, each one buffer of at most
+    `bucket_bytes` (a larger tensor travels alone) and one dtype; nothing on ranks that send
+    nothing. Collective: every rank must exhaust it. A tensor kept whole in HF (copy, [gate; up]) is
+    received or gathered straight into the bucket's buffer; q/k/v are reordered into it. A sender
+    holds the bucket being filled and whatever its consumer still holds of the previous ones."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    import torch.distributed as dist
+
     adapter = state_adapter(cfg)
-    bucket: Bucket = []
-    size = 0
-    for name, tensor in stream_full_tensors(plan):
-        for hf_name, part in adapter.split(name, tensor):
-            nbytes = part.numel() * part.element_size()
-            if bucket and (size + nbytes > bucket_bytes or part.dtype != bucket[-1][1].dtype):
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((hf_name, part))
-            size += nbytes
-    if bucket:
-        yield bucket
+    me = dist.get_rank()
+    device = next((s.param.device for s in plan.shards.values()), torch.device("cpu"))
+    sizes = {e.name: math.prod(e.shape) * e.dtype.itemsize for e in plan.entries}
+    left = sum(sizes[e.name] for e in plan.entries if e.sender == me)  # bytes still to send
+    filling: Optional[_Filling] = None
+    for entry in plan.entries:
+        if entry.sender != me:
+            deliver(plan, entry)
+            continue
+        nbytes = sizes[entry.name]
+        if filling is not None and not filling.fits(nbytes, entry.dtype):
+            yield filling.done()
+            filling = None
+        if filling is None:
+            filling = _Filling(max(nbytes, min(bucket_bytes, left)), entry.dtype, device)
+        left -= nbytes
+        if adapter.rule_of[entry.name].kind == "qkv":
+            full = deliver(plan, entry)
+            for hf_name, part in adapter.split(entry.name, full):
+                filling.tensors.append((hf_name, filling.take(part.shape, part.dtype).copy_(part)))
+        else:
+            full = deliver(plan, entry, into=filling.take(entry.shape, entry.dtype))
+            filling.tensors += adapter.split(entry.name, full)
+    if filling is not None:
+        yield filling.done()
 
 
 def export_model_to_hf(path, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig,
                        layout: ParallelLayout, *, overwrite: bool = False,
                        max_shard_bytes: int = EXPORT_SHARD_BYTES,
-                       on_bucket: Optional[Callable[[Bucket], None]] = None) -> None:
+                       on_bucket: Optional[Callable[[FlatBucket], None]] = None) -> None:
     """Write the model as a HF checkpoint directory at `path` (on a file system every sender
     shares). Collective: every rank must call it. Each pipeline stage's sender writes its buckets
     as shard files into one staging directory; global rank 0 then publishes it (index, config,
@@ -104,7 +139,6 @@ def export_model_to_hf(path, model_chunks: Sequence[torch.nn.Module], cfg: Model
                 if on_bucket is not None:
                     on_bucket(bucket)
                 writer.write(bucket)
-                bucket.clear()  # the stream's views of the canonical tensors go with it
             except Exception as exc:  # noqa: BLE001 - reported to every rank below
                 error = exc
     reports: List = [None] * dist.get_world_size()

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -131,29 +132,69 @@ def staging_dir(path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
 
 
+# safetensors' names for the dtypes a model's weights come in
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass
+class FlatBucket:
+    """HF tensors back to back in one byte buffer: the data section of a safetensors file, and
+    SGLang's "flattened_bucket" update. `tensors` are views into `flat`, in buffer order."""
+
+    flat: torch.Tensor  # uint8 [bytes]
+    tensors: List[Tuple[str, torch.Tensor]]
+
+    @classmethod
+    def of(cls, tensors: Sequence[Tuple[str, torch.Tensor]]) -> "FlatBucket":
+        """A bucket holding copies of `tensors` (one dtype: the offsets stay aligned)."""
+        flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in tensors])
+        views, offset = [], 0
+        for name, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            views.append((name, flat[offset:offset + nbytes].view(t.dtype).view(t.shape)))
+            offset += nbytes
+        return cls(flat, views)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel()
+
+    def fields(self) -> dict:
+        """The `/update_weights_from_distributed` fields describing the buffer."""
+        return {"names": [n for n, _ in self.tensors],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in self.tensors],
+                "shapes": [list(t.shape) for _, t in self.tensors],
+                "load_format": "flattened_bucket"}
+
+
 class ShardWriter:
-    """Writes buckets of HF tensors as shard files `{prefix}-{k}.safetensors` into a staging
-    directory; `files` lists (file, tensor names, bytes) for `publish`."""
+    """Writes buckets as shard files `{prefix}-{k}.safetensors` into a staging directory, the
+    bucket's buffer as the file's data section (no copy on CPU); `files` lists (file, tensor
+    names, bytes) for `publish`."""
 
     def __init__(self, staging: Path, prefix: str = "part") -> None:
         self.staging, self.prefix = Path(staging), prefix
         self.files: List[Tuple[str, List[str], int]] = []
         self.dtypes = set()
 
-    def write(self, bucket: Sequence[Tuple[str, torch.Tensor]]) -> None:
-        import safetensors.torch
-
-        tensors, storages = {}, set()
-        for name, tensor in bucket:
-            tensor = tensor.detach().to("cpu").contiguous()
-            if tensor.untyped_storage().data_ptr() in storages:  # safetensors refuses shared memory
-                tensor = tensor.clone()
-            storages.add(tensor.untyped_storage().data_ptr())
-            tensors[name] = tensor
-            self.dtypes.add(tensor.dtype)
+    def write(self, bucket: FlatBucket) -> None:
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, t in bucket.tensors:
+            nbytes = t.numel() * t.element_size()
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            self.dtypes.add(t.dtype)
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
         file = f"{self.prefix}-{len(self.files):05d}.safetensors"
-        safetensors.torch.save_file(tensors, str(self.staging / file), metadata={"format": "pt"})
-        self.files.append((file, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())))
+        with open(self.staging / file, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            f.write(memoryview(bucket.flat[:offset].cpu().numpy()))
+        self.files.append((file, [n for n, _ in bucket.tensors], offset))
 
 
 def publish(staging: Path, path, cfg: ModelConfig, files: Sequence[Tuple[str, List[str], int]],
@@ -194,7 +235,7 @@ def publish(staging: Path, path, cfg: ModelConfig, files: Sequence[Tuple[str, Li
 def save_hf_checkpoint(path, cfg: ModelConfig, hf_state: Mapping[str, torch.Tensor], *,
                        overwrite: bool = False, max_shard_bytes: Optional[int] = None) -> Path:
     """Write config.json and the weights (one model.safetensors; shards plus an index when the
-    total exceeds `max_shard_bytes`) as a HF checkpoint directory `path`, atomically (see the
+    total exceeds `max_shard_bytes`, or the state mixes dtypes) as a HF checkpoint directory `path`, atomically (see the
     module docstring). The state is validated against `cfg` before anything is written."""
     path = Path(path)
     state = drop_ignored(hf_state, cfg)
@@ -206,13 +247,15 @@ def save_hf_checkpoint(path, cfg: ModelConfig, hf_state: Mapping[str, torch.Tens
         writer = ShardWriter(staging)
         bucket, size = [], 0
         for name in hf_tensor_shapes(cfg):
-            nbytes = state[name].numel() * state[name].element_size()
-            if max_shard_bytes and bucket and size + nbytes > max_shard_bytes:
-                writer.write(bucket)
+            tensor = state[name]
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and ((max_shard_bytes and size + nbytes > max_shard_bytes)
+                           or tensor.dtype != bucket[-1][1].dtype):
+                writer.write(FlatBucket.of(bucket))
                 bucket, size = [], 0
-            bucket.append((name, state[name]))
+            bucket.append((name, tensor.detach().to("cpu")))
             size += nbytes
-        writer.write(bucket)
+        writer.write(FlatBucket.of(bucket))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -176,13 +176,6 @@ def take_slice(full: torch.Tensor, shard: Shard) -> torch.Tensor:
     return full.chunk(shard.size, dim=shard.dim)[shard.rank]
 
 
-def _join_slices(pieces: List[torch.Tensor], shard: Shard) -> torch.Tensor:
-    if shard.gated:
-        rows = pieces[0].shape[0] // 2
-        return torch.cat([p[:rows] for p in pieces] + [p[rows:] for p in pieces], dim=0)
-    return torch.cat(pieces, dim=shard.dim)
-
-
 def load_full_state(model_chunks: Sequence[torch.nn.Module], full_state: Mapping[str, torch.Tensor],
                     state: Canonical, layout: ParallelLayout) -> None:
     """Copy each local parameter's slice of the canonical `full_state` into the model chunks.
@@ -277,48 +270,67 @@ def plan_stream(model_chunks: Sequence[torch.nn.Module], state: Canonical, layou
                       tuple(sorted(set(stage_sender.values()))))
 
 
-def _gather_to_owner(local: torch.Tensor, shard: Shard, entry: _Entry, me: int) -> Optional[torch.Tensor]:
-    """The full tensor on the owner (None on its peers) from the TP/ETP slices. Row splits of a
-    plain weight land in place in the full tensor; the others are joined with one copy."""
+def _gather_to_owner(local: torch.Tensor, shard: Shard, entry: _Entry, me: int,
+                     into: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The full tensor on the owner (None on its peers) from the TP/ETP slices, in `into` when
+    given. Row splits of a plain weight land in place; the others are joined with one copy."""
     import torch.distributed as dist
 
     if me != entry.owner:
         dist.gather(local.contiguous(), None, dst=entry.owner, group=shard.group)
         return None
     in_place = shard.dim == 0 and not shard.gated
-    full = torch.empty(entry.shape, dtype=local.dtype, device=local.device) if in_place else None
-    pieces = (list(full.chunk(shard.size, dim=0)) if in_place
-              else [torch.empty_like(local) for _ in range(shard.size)])
+    if in_place:
+        full = into if into is not None else torch.empty(entry.shape, dtype=local.dtype,
+                                                         device=local.device)
+        dist.gather(local.contiguous(), list(full.chunk(shard.size, dim=0)), dst=entry.owner,
+                    group=shard.group)
+        return full
+    pieces = [torch.empty_like(local) for _ in range(shard.size)]
     dist.gather(local.contiguous(), pieces, dst=entry.owner, group=shard.group)
-    return full if in_place else _join_slices(pieces, shard)
+    if shard.gated:
+        rows = pieces[0].shape[0] // 2
+        pieces = [p[:rows] for p in pieces] + [p[rows:] for p in pieces]
+    dim = 0 if shard.gated else shard.dim
+    return torch.cat(pieces, dim=dim) if into is None else torch.cat(pieces, dim=dim, out=into)
+
+
+def deliver(plan: StreamPlan, entry: _Entry, into: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """This rank's part in moving one canonical tensor to its sender: gather it (owner's TP/ETP
+    group), send it (owner), receive it (sender). Returns the full tensor on the sender, written
+    into `into` [entry.shape] when given (a slice of the sender's bucket buffer: the bytes land
+    where they are sent from); None elsewhere. Every rank must call it for every entry, in order."""
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    tensor = None
+    if me == entry.owner or me in entry.gatherers:
+        shard = plan.shards[entry.name]
+        local = shard.param.detach()
+        if shard.dim is not None:
+            tensor = _gather_to_owner(local, shard, entry, me, into if me == entry.sender else None)
+        else:
+            tensor = local if into is None or me != entry.sender else into.copy_(local)
+        if me != entry.owner:
+            return None
+        if me != entry.sender:
+            dist.send(tensor.contiguous(), entry.sender)
+            return None
+        return tensor
+    if me == entry.sender:
+        device = next((s.param.device for s in plan.shards.values()), torch.device("cpu"))
+        tensor = into if into is not None else torch.empty(entry.shape, dtype=entry.dtype, device=device)
+        dist.recv(tensor, entry.owner)
+    return tensor
 
 
 def stream_full_tensors(plan: StreamPlan) -> Iterator[Tuple[str, torch.Tensor]]:
     """(canonical name, full tensor) for every tensor this rank sends, in canonical order; nothing on
-    the other ranks. Collective: every rank must exhaust its iterator. The tensors stay on the
-    parameters' device; each one yielded is the only full tensor this rank holds for it."""
-    import torch.distributed as dist
-
-    me = dist.get_rank()
-    device = next((s.param.device for s in plan.shards.values()), torch.device("cpu"))
+    the other ranks. Collective: every rank must exhaust its iterator."""
     for entry in plan.entries:
-        tensor = None
-        if me == entry.owner or me in entry.gatherers:
-            shard = plan.shards[entry.name]
-            tensor = shard.param.detach()
-            if shard.dim is not None:
-                tensor = _gather_to_owner(tensor, shard, entry, me)
-            if me != entry.owner:
-                continue
-            if me != entry.sender:
-                dist.send(tensor.contiguous(), entry.sender)
-                continue
-        elif me == entry.sender:
-            tensor = torch.empty(entry.shape, dtype=entry.dtype, device=device)
-            dist.recv(tensor, entry.owner)
-        else:
-            continue
-        yield entry.name, tensor
+        tensor = deliver(plan, entry)
+        if tensor is not None:
+            yield entry.name, tensor
 
 
 def gather_full_state(model_chunks: Sequence[torch.nn.Module], state: Canonical,

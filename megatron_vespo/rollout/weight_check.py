@@ -16,10 +16,11 @@ refuses both with a message naming the setting rather than reporting false diffe
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 
+from ..learner.hf_files import FlatBucket
 from ..learner.model import ModelConfig
 from ..learner.state_adapter import state_adapter
 from .server import ServerError, get_json, post_json
@@ -33,8 +34,8 @@ class StreamChecksums:
         self._hashers: Dict[str, "hashlib._Hash"] = {}
         self.parts: Dict[str, List[str]] = {}  # SGLang parameter -> the HF tensors it is made of
 
-    def add(self, bucket: Sequence[Tuple[str, torch.Tensor]]) -> None:
-        for hf_name, tensor in bucket:
+    def add(self, bucket: FlatBucket) -> None:
+        for hf_name, tensor in bucket.tensors:
             engine = self._adapter.engine_name(hf_name)
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             self._hashers.setdefault(engine, hashlib.sha256()).update(memoryview(data.numpy()))

@@ -34,7 +34,8 @@ import requests
 import torch
 import torch.distributed as dist
 
-from ..learner.hf_convert import EXPORT_SHARD_BYTES, Bucket, export_model_to_hf, hf_buckets
+from ..learner.hf_convert import EXPORT_SHARD_BYTES, export_model_to_hf, hf_buckets
+from ..learner.hf_files import FlatBucket
 from ..learner.model import ModelConfig
 from ..learner.state_adapter import canonical_state
 from ..parallel.layout import ParallelLayout
@@ -147,7 +148,7 @@ class _Check:
     def __init__(self, cfg: ModelConfig, enabled: bool) -> None:
         self.sums = StreamChecksums(cfg) if enabled else None
 
-    def add(self, bucket: Bucket) -> None:
+    def add(self, bucket: FlatBucket) -> None:
         if self.sums is not None:
             self.sums.add(bucket)
 
@@ -203,18 +204,6 @@ class DiskWeightSync:
 # ------------------------------------------------------------------------------------------------
 # Distributed (bucketed broadcast, one sender per pipeline stage)
 # ------------------------------------------------------------------------------------------------
-
-
-def flatten_bucket(bucket: Bucket) -> Tuple[torch.Tensor, dict]:
-    """One uint8 buffer [sum of bytes] of the bucket's tensors back to back, and the
-    `/update_weights_from_distributed` fields describing it (load_format "flattened_bucket"; the
-    server cuts the buffer at each tensor's offset, so a bucket has one dtype: `hf_buckets`)."""
-    flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
-    meta = {"names": [n for n, _ in bucket],
-            "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-            "shapes": [list(t.shape) for _, t in bucket],
-            "load_format": "flattened_bucket"}
-    return flat, meta
 
 
 def _server_tp(url: str) -> int:
@@ -348,9 +337,11 @@ class DistributedWeightSync:
         for f in bucket.receives:
             f.result()
 
-    def _send(self, buckets: Iterator[Bucket], urls: Sequence[str], version: int, check: _Check) -> None:
+    def _send(self, buckets: Iterator[FlatBucket], urls: Sequence[str], version: int,
+              check: _Check) -> None:
         """Broadcast this sender's buckets, gathering the next while the previous is on the wire
-        (at most two buckets held: the one in flight and the one being gathered)."""
+        (two buckets held: the one in flight and the one being filled). The server cuts each
+        buffer at the tensors' offsets ("flattened_bucket"; one dtype per bucket keeps them aligned)."""
         extra = {"group_name": self._group.name, "weight_version": str(version)}
         in_flight: Optional[_InFlight] = None
         with ThreadPoolExecutor(max_workers=len(urls)) as pool:
@@ -358,9 +349,8 @@ class DistributedWeightSync:
                 check.add(bucket)
                 if in_flight is not None:
                     self._wait(in_flight)
-                flat, fields = flatten_bucket(bucket)
-                bucket.clear()  # the stream's views of the canonical tensors go with it
-                in_flight = self._start(pool, urls, flat, {**fields, **extra})
+                in_flight = self._start(pool, urls, bucket.flat, {**bucket.fields(), **extra})
+                del bucket
             if in_flight is not None:
                 self._wait(in_flight)
 
@@ -415,4 +405,4 @@ class DistributedWeightSync:
 
 
 __all__ = ["DiskWeightSync", "DistributedWeightSync", "WeightSync", "check_versions",
-           "flatten_bucket", "flush_cache", "name_version", "pause_servers", "resume_servers"]
+           "flush_cache", "name_version", "pause_servers", "resume_servers"]
