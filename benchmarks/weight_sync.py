@@ -8,6 +8,7 @@ counts give the model sizes) is built as real megatron-core GPTModel chunks on 2
 layouts: TP2 (experts split by expert-TP 2) and EP2. Each rank then, in turn:
 
 * stream sync: `DistributedWeightSync.sync` into the receiver;
+* stream, no wire: the same buckets assembled on the sender (gathers, sends, reorders) and dropped;
 * former sync: `gather_full_state` to rank 0, `megatron_to_hf`, the same buckets broadcast from
   there (the path this project had before);
 * plain broadcast: the model's bytes, already flat in one buffer on rank 0, broadcast bucket by
@@ -205,7 +206,7 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
     import torch
     import torch.distributed as dist
 
-    from megatron_vespo.learner.hf_convert import export_model_to_hf
+    from megatron_vespo.learner.hf_convert import export_model_to_hf, hf_buckets
     from megatron_vespo.learner.hf_files import FlatBucket, ShardWriter
     from megatron_vespo.learner.model import build_model_chunks
     from megatron_vespo.learner.state_adapter import canonical_state, megatron_to_hf
@@ -238,6 +239,7 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
     if rank == 0:
         post_json(url, "/reset")
     measure("stream sync", lambda: sync.sync(chunks, cfg, layout, [url], 2))
+    measure("stream, no wire", lambda: [None for _ in hf_buckets(plan, cfg, bucket_bytes)])
     received = None
     if rank == 0:
         from megatron_vespo.rollout.server import get_json
@@ -311,6 +313,7 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     args = parser.parse_args()
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # the ranks inherit it
     from megatron_vespo.launch import run_ranks
@@ -327,14 +330,14 @@ def main() -> None:
     table, checks = [], []
     try:
         with tempfile.TemporaryDirectory() as out_dir:
-            for layout_name in LAYOUTS:
+            for layout_name in args.layouts:
                 for layers in args.layers:
                     results = run_ranks(rank_body, 2, layout_name, layers, bucket, url, out_dir,
                                         args.hidden, args.vocab)
                     model = results[0]["model_bytes"]
                     label = f"{layout_name} {human_bytes(model)}"
-                    for path in ("stream sync", "former sync", "plain broadcast", "stream export",
-                                 "plain write"):
+                    for path in ("stream sync", "stream, no wire", "former sync", "plain broadcast",
+                                 "stream export", "plain write"):
                         for rank, r in enumerate(results):
                             row = r["rows"][path]
                             table.append([f"{label} {path} r{rank}", f"{row['seconds']:.2f}",

@@ -52,8 +52,8 @@ def load_hf_into_model(path, model_chunks: Sequence[torch.nn.Module], cfg: Model
 class _Filling:
     """The bucket being filled on a sender: one buffer, views handed out back to back."""
 
-    def __init__(self, capacity: int, dtype: torch.dtype, device) -> None:
-        self.flat = torch.empty(capacity, dtype=torch.uint8, device=device)
+    def __init__(self, flat: torch.Tensor, dtype: torch.dtype) -> None:
+        self.flat = flat
         self.dtype, self.used = dtype, 0
         self.tensors: List[Tuple[str, torch.Tensor]] = []
 
@@ -74,8 +74,11 @@ def hf_buckets(plan: StreamPlan, cfg: ModelConfig, bucket_bytes: int) -> Iterato
     """This rank's share of the model as buckets of HF tensors, each one buffer of at most
     `bucket_bytes` (a larger tensor travels alone) and one dtype; nothing on ranks that send
     nothing. Collective: every rank must exhaust it. A tensor kept whole in HF (copy, [gate; up]) is
-    received or gathered straight into the bucket's buffer; q/k/v are reordered into it. A sender
-    holds the bucket being filled and whatever its consumer still holds of the previous ones."""
+    received or gathered straight into the bucket's buffer; q/k/v are reordered into it.
+
+    Two buffers take turns (their pages stay mapped: no fresh memory per bucket), so a bucket is
+    valid until the next but one is requested: a consumer may keep one bucket in flight while the
+    next is filled, never two."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     import torch.distributed as dist
@@ -84,7 +87,9 @@ def hf_buckets(plan: StreamPlan, cfg: ModelConfig, bucket_bytes: int) -> Iterato
     me = dist.get_rank()
     device = next((s.param.device for s in plan.shards.values()), torch.device("cpu"))
     sizes = {e.name: math.prod(e.shape) * e.dtype.itemsize for e in plan.entries}
-    left = sum(sizes[e.name] for e in plan.entries if e.sender == me)  # bytes still to send
+    capacity = min(bucket_bytes, sum(sizes[e.name] for e in plan.entries if e.sender == me))
+    buffers: List[torch.Tensor] = []  # at most two, taking turns
+    last: Optional[torch.Tensor] = None  # the buffer of the bucket yielded last (maybe in flight)
     filling: Optional[_Filling] = None
     for entry in plan.entries:
         if entry.sender != me:
@@ -92,11 +97,18 @@ def hf_buckets(plan: StreamPlan, cfg: ModelConfig, bucket_bytes: int) -> Iterato
             continue
         nbytes = sizes[entry.name]
         if filling is not None and not filling.fits(nbytes, entry.dtype):
+            last = filling.flat
             yield filling.done()
             filling = None
         if filling is None:
-            filling = _Filling(max(nbytes, min(bucket_bytes, left)), entry.dtype, device)
-        left -= nbytes
+            if nbytes > capacity:  # a tensor larger than a bucket travels alone, in its own buffer
+                flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            else:
+                flat = next((b for b in buffers if b is not last), None)
+                if flat is None:
+                    flat = torch.empty(capacity, dtype=torch.uint8, device=device)
+                    buffers.append(flat)
+            filling = _Filling(flat, entry.dtype)
         if adapter.rule_of[entry.name].kind == "qkv":
             full = deliver(plan, entry)
             for hf_name, part in adapter.split(entry.name, full):
