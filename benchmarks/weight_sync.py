@@ -22,7 +22,7 @@ torch_external_group.py`) and receives every bucket into a fresh buffer; it coun
 
 Per rank: seconds, peak RSS above the rank's RSS after building the model (sampled every 2 ms;
 glibc is told to map large blocks, so freed buffers leave RSS), and bytes this rank put on the
-wire (counted at the torch.distributed calls: gather, send, broadcast). Targets: streaming's
+wire (counted at the torch.distributed calls: send, broadcast). Targets: streaming's
 extra peak RSS is at most two buckets on every rank at both sizes; the receiver gets the model's
 bytes once; the stream sync takes at most 1.25x the plain broadcast.
 """
@@ -159,12 +159,7 @@ class WireBytes:
 
         self.sent = 0
         self._dist = dist
-        self._originals = {n: getattr(dist, n) for n in ("gather", "send", "broadcast")}
-
-        def gather(tensor, gather_list=None, dst=None, group=None, **kw):
-            if dst != dist.get_rank():
-                self.sent += tensor.numel() * tensor.element_size()
-            return self._originals["gather"](tensor, gather_list, dst=dst, group=group, **kw)
+        self._originals = {n: getattr(dist, n) for n in ("send", "broadcast")}
 
         def send(tensor, dst, *args, **kw):
             self.sent += tensor.numel() * tensor.element_size()
@@ -179,7 +174,7 @@ class WireBytes:
             return self._originals["broadcast"](tensor, src=src, group=group, async_op=async_op,
                                                 group_src=group_src)
 
-        for name, fn in (("gather", gather), ("send", send), ("broadcast", broadcast)):
+        for name, fn in (("send", send), ("broadcast", broadcast)):
             setattr(dist, name, fn)
 
     def take(self) -> int:

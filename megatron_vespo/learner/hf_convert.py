@@ -19,6 +19,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..parallel.agree import on_rank0, raise_everywhere
 from ..parallel.layout import ParallelLayout
 from ..parallel.sharded_state import StreamPlan, deliver, local_shards, plan_stream, take_slice
 from .hf_config import CheckpointError, check_same_architecture
@@ -132,16 +133,14 @@ def export_model_to_hf(path, model_chunks: Sequence[torch.nn.Module], cfg: Model
     import torch.distributed as dist
 
     plan = plan_stream(model_chunks, canonical_state(cfg), layout)
-    box: List[Optional[str]] = [None]
-    if dist.get_rank() == 0:
+    what = f"export to {path}"
+
+    def make_staging() -> Path:
         if Path(path).exists() and not overwrite:
-            box[0] = f"FileExistsError: {path} exists (pass overwrite=True to replace it)"
-        else:
-            box[0] = str(staging_dir(path))
-    dist.broadcast_object_list(box, src=0)
-    if box[0].startswith("FileExistsError"):
-        raise FileExistsError(box[0].split(": ", 1)[1])
-    staging = Path(box[0])
+            raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+        return staging_dir(path)
+
+    staging = on_rank0(make_staging, CheckpointError, what)
 
     writer = ShardWriter(staging, prefix=f"rank{dist.get_rank():05d}")
     error: Optional[BaseException] = None
@@ -153,23 +152,14 @@ def export_model_to_hf(path, model_chunks: Sequence[torch.nn.Module], cfg: Model
                 writer.write(bucket)
             except Exception as exc:  # noqa: BLE001 - reported to every rank below
                 error = exc
-    reports: List = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (None if error is None else f"{type(error).__name__}: {error}",
-                                     writer.files, writer.dtypes))
-    failed = [(rank, r[0]) for rank, r in enumerate(reports) if r[0] is not None]
-    result: List[Optional[str]] = [None]
-    if dist.get_rank() == 0:
-        try:
-            if failed:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise CheckpointError(f"export to {path} failed on rank {failed[0][0]}: {failed[0][1]}")
-            publish(staging, path, cfg, [f for r in reports for f in r[1]],
-                    {d for r in reports for d in r[2]}, overwrite=overwrite)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            result[0] = f"{type(exc).__name__}: {exc}"
-            error = error or exc
-    dist.broadcast_object_list(result, src=0)
-    if error is not None:
-        raise error
-    if result[0] is not None:
-        raise CheckpointError(f"export to {path} failed: {result[0]}")
+    try:
+        raise_everywhere(error, CheckpointError, what)
+    except BaseException:
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written: List = [None] * dist.get_world_size()
+    dist.all_gather_object(written, (writer.files, writer.dtypes))
+    on_rank0(lambda: publish(staging, path, cfg, [f for files, _ in written for f in files],
+                             {d for _, dtypes in written for d in dtypes}, overwrite=overwrite),
+             CheckpointError, what)

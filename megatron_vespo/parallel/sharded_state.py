@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .agree import raise_everywhere
 from .layout import ParallelLayout
 
 _MAX_LISTED = 20  # problems listed in an error message
@@ -223,9 +224,6 @@ class StreamPlan:
     shards: Dict[str, Shard]
     senders: Tuple[int, ...]  # every sender, ascending
 
-    def sent_by(self, rank: int) -> List[str]:
-        return [e.name for e in self.entries if e.sender == rank]
-
 
 def plan_stream(model_chunks: Sequence[torch.nn.Module], state: Canonical, layout: ParallelLayout,
                 *, one_sender: bool = False) -> StreamPlan:
@@ -238,24 +236,19 @@ def plan_stream(model_chunks: Sequence[torch.nn.Module], state: Canonical, layou
     try:
         shards = local_shards(model_chunks, state, layout)
     except ValueError as exc:
-        shards, problem = [], exc
+        problem = exc
+    raise_everywhere(problem, ShardMismatch, "fitting the model to the config")
     held = {s.canonical: (tuple(dist.get_process_group_ranks(s.group)) if s.dim is not None else (),
                           s.param.dtype)
             for s in shards if not s.tied_copy}
-    mine = (None if problem is None else str(problem), ps.get_pipeline_model_parallel_rank(), held)
     everyone: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if problem is not None:
-        raise problem
-    failed = [(rank, report[0]) for rank, report in enumerate(everyone) if report[0] is not None]
-    if failed:
-        raise ShardMismatch(f"the model does not fit on rank {failed[0][0]}: {failed[0][1]}")
+    dist.all_gather_object(everyone, (ps.get_pipeline_model_parallel_rank(), held))
 
     stage_sender: Dict[int, int] = {}
-    for rank, (_, stage, _) in enumerate(everyone):
+    for rank, (stage, _) in enumerate(everyone):
         stage_sender.setdefault(stage, 0 if one_sender else rank)
     owner: Dict[str, int] = {}
-    for rank, (_, _, holdings) in enumerate(everyone):
+    for rank, (_, holdings) in enumerate(everyone):
         for name in holdings:
             owner.setdefault(name, rank)
     missing = [name for name in state.shapes if name not in owner]
@@ -264,8 +257,9 @@ def plan_stream(model_chunks: Sequence[torch.nn.Module], state: Canonical, layou
     entries = []
     for name, shape in state.shapes.items():
         rank = owner[name]
-        group, dtype = everyone[rank][2][name]
-        entries.append(_Entry(name, tuple(shape), dtype, rank, group, stage_sender[everyone[rank][1]]))
+        stage, holdings = everyone[rank]
+        group, dtype = holdings[name]
+        entries.append(_Entry(name, tuple(shape), dtype, rank, group, stage_sender[stage]))
     return StreamPlan(entries, {s.canonical: s for s in shards if not s.tied_copy},
                       tuple(sorted(set(stage_sender.values()))))
 

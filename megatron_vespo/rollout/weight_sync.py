@@ -38,6 +38,7 @@ from ..learner.hf_convert import EXPORT_SHARD_BYTES, export_model_to_hf, hf_buck
 from ..learner.hf_files import FlatBucket
 from ..learner.model import ModelConfig
 from ..learner.state_adapter import canonical_state
+from ..parallel.agree import on_rank0, raise_everywhere
 from ..parallel.layout import ParallelLayout
 from ..parallel.sharded_state import plan_stream
 from ..patches.torch_external_group import external_process_group
@@ -117,28 +118,11 @@ def resume_servers(urls: Sequence[str], version: int,
 
 
 def _raise_everywhere(error: Optional[BaseException]) -> None:
-    """Collective: any rank's error (or None) is raised on every rank, so no rank carries on
-    alone. The rank's own exception where it has one, else the first failing rank's message."""
-    reports: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-    if failed:
-        raise ServerError(f"weight sync failed on rank {failed[0][0]}: {failed[0][1]}")
+    raise_everywhere(error, ServerError, "weight sync")
 
 
 def _on_rank0(call: Callable[[], object]) -> object:
-    """`call()` on global rank 0, its error raised everywhere; rank 0's result broadcast."""
-    box, error = [None], None
-    if dist.get_rank() == 0:
-        try:
-            box[0] = call()
-        except Exception as exc:  # noqa: BLE001 - raised on every rank below
-            error = exc
-    _raise_everywhere(error)
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return on_rank0(call, ServerError, "weight sync")
 
 
 class _Check:
