@@ -54,7 +54,7 @@ SLACK = 32 << 20  # allocator and gloo buffers on top of the two buckets
 # ------------------------------------------------------------------------------------------------
 
 
-def _receiver(port: int, ready) -> None:
+def _receiver(port: int, ready, parent: int) -> None:
     import datetime
 
     import torch
@@ -106,6 +106,12 @@ def _receiver(port: int, ready) -> None:
                 state["bytes"] = 0
             self._answer({"success": True})
 
+    def orphaned() -> None:  # the benchmark died (even by kill -9): so does its receiver
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     ready.set()
     server.serve_forever()
@@ -318,7 +324,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     port = free_ports(1, "127.0.0.1")[0]
     ready = ctx.Event()
-    receiver = ctx.Process(target=_receiver, args=(port, ready), daemon=True)
+    receiver = ctx.Process(target=_receiver, args=(port, ready, os.getpid()), daemon=True)
     receiver.start()
     ready.wait(60)
     url = f"http://127.0.0.1:{port}"
