@@ -357,15 +357,18 @@ class DistributedWeightSync:
         members, reopen = _on_rank0(decide)
         if reopen is not None:  # the fleet changed (or a sync failed): new groups with the members
             keep, sizes, rank0_host = reopen
-            error = None
-            if is_sender:
-                try:
-                    self._close_group(keep)
-                    self._group = self._open(members, sizes, self._address(rank0_host))
-                except Exception as exc:  # noqa: BLE001 - raised on every rank below
-                    error = exc
             self._urls = members
-            _raise_everywhere(error)
+            # One sender at a time: a server joins one group per call and blocks in it until the
+            # group forms, so two senders reaching the servers in different orders would deadlock.
+            for sender in sorted(plan.senders):
+                error = None
+                if dist.get_rank() == sender:
+                    try:
+                        self._close_group(keep)
+                        self._group = self._open(members, sizes, self._address(rank0_host))
+                    except Exception as exc:  # noqa: BLE001 - raised on every rank below
+                        error = exc
+                _raise_everywhere(error)
             self._stale = False
         try:
             _on_rank0(lambda: (pause_servers(members, self.pause_mode), _each(
