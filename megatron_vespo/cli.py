@@ -5,6 +5,10 @@
   offline on recorded samples instead.
 - `serve CONFIG`: one node's share of a fleet (SGLang server, optionally the router), for Slurm.
 - `slurm submit CONFIG`: render the heterogeneous sbatch job from the config and submit it.
+- `eval CONFIG --checkpoint PATH`: a checkpoint (megatron or HF) on every evaluation set of the
+  config (avg@k, pass@k), printed and logged to MLflow.
+- `prepare-data RECIPE INPUT OUTPUT`: a downloaded math set (DAPO-Math-17k, AIME, AMC, MATH-500)
+  into the math task's prompt file.
 - `tracking flush RUN_DIR`: send a run's buffered MLflow requests without a learner or a fleet.
 - `demo`: the configured kernel (phi table, mode, peak, variance-bound constant K) and what it does
   to increasingly stale batches next to naive sequence importance sampling.
@@ -93,7 +97,8 @@ def _check_online(config) -> None:
     if config.task.name == "math":
         from .tasks.prompt_data import check_prompt_file
 
-        for path in (config.task.data.path, config.task.data.eval_path):
+        eval_paths = [s.path for s in config.task.resolved_eval_sets]
+        for path in dict.fromkeys([config.task.data.path, *eval_paths]):
             if path is not None:
                 check_prompt_file(path, config.task.data)
     server = config.rollout.fleet.server
@@ -186,7 +191,8 @@ def _config_paths(config) -> dict[str, Optional[str]]:
     """The paths a config names that a job's steps read."""
     return {"train.init_hf_checkpoint": config.train.init_hf_checkpoint,
             "task.tokenizer_path": config.task.tokenizer_path,
-            "task.data.path": config.task.data.path, "task.data.eval_path": config.task.data.eval_path}
+            "task.data.path": config.task.data.path, "task.data.eval_path": config.task.data.eval_path,
+            **{f"task.eval_sets[{s.name}].path": s.path for s in config.task.eval_sets}}
 
 
 def _check_job_paths(paths: dict[str, Optional[str]]) -> None:
@@ -218,6 +224,29 @@ def slurm(args: argparse.Namespace) -> int:
     script, job_id = slurm_submit(str(resolved), config.slurm, str(run_dir), dry_run=args.dry_run,
                                   mounts=mounts)
     print(f"job script {script}" + (f"; submitted job {job_id}" if job_id else " (not submitted)"))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    config = _load(args)
+    _check_online(config)
+    evaluate_checkpoint(config, Path(args.checkpoint), new_run=args.new_run)
+    return 0
+
+
+def prepare_data(args: argparse.Namespace) -> int:
+    from .tasks.recipes import prepare_data as prepare
+
+    counts = prepare(args.recipe, args.input, args.output, args.limit)
+    note = []
+    if counts["repeats"]:
+        note.append(f"{counts['repeats']} repeated problems written once")
+    if counts["instruction_kept"]:
+        note.append(f"{counts['instruction_kept']} rows without the published instruction, kept as is")
+    print(f"{args.output}: {counts['written']} prompts from {counts['read']} rows of {args.input}"
+          + (f" ({'; '.join(note)})" if note else ""))
     return 0
 
 
@@ -293,6 +322,27 @@ def main(argv: list[str] | None = None) -> int:
     su.add_argument("--no-path-check", action="store_true",
                     help="submit although paths the config names do not exist on this host")
     su.set_defaults(func=slurm)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the config's evaluation sets "
+                        "(task.eval_sets) with a fleet of its own; log to MLflow")
+    ev.add_argument("config", help="YAML config (the run's, or one that names the sets)")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    ev.add_argument("--checkpoint", required=True,
+                    help="an HF directory, a megatron checkpoint (RUN_DIR/checkpoints/step_N) or "
+                         "a checkpoint root (its latest)")
+    ev.add_argument("--run-dir", help="the run directory whose MLflow run gets the metrics "
+                                      "(overrides train.output_dir)")
+    ev.add_argument("--new-run", action="store_true",
+                    help="log to a new MLflow run instead of the run directory's")
+    ev.set_defaults(func=evaluate)
+    pd = sub.add_parser("prepare-data", help="turn a downloaded math set into the math task's "
+                        "prompt file (the paper's instruction, chat messages)")
+    from .tasks.recipes import RECIPES
+
+    pd.add_argument("recipe", choices=sorted(RECIPES))
+    pd.add_argument("input", help="the downloaded .parquet or .jsonl file, in its published schema")
+    pd.add_argument("output", help="the .jsonl prompt file to write")
+    pd.add_argument("--limit", type=int, help="write only the first LIMIT problems")
+    pd.set_defaults(func=prepare_data)
     tr = sub.add_parser("tracking", help="MLflow tracking of a run")
     trsub = tr.add_subparsers(dest="tracking_command", required=True)
     fl = trsub.add_parser("flush", help="send a run's buffered tracking requests (no learner, no fleet)")

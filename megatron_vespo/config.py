@@ -19,8 +19,8 @@ import yaml
 from .algo.advantages import AdvantageConfig
 from .algo.kernel import KernelConstants
 from .algo.kernel_control import KernelControlConfig
-from .algo.policy_losses import (POLICY_LOSSES, CispoParams, ClipParams, GspoParams, SapoParams,
-                                 SeqIsParams)
+from .algo.policy_losses import (POLICY_LOSSES, BapoParams, CispoParams, ClipParams, GspoParams,
+                                 SapoParams, SeqIsParams, ToprParams)
 from .learner.learner import (LossSettings, OptimConfig, check_interleaved_microbatches,
                               check_learner_settings)
 from .learner.model import ModelConfig, check_moe_layout
@@ -48,6 +48,8 @@ class AlgorithmConfig:
     gspo: GspoParams = field(default_factory=GspoParams)
     sapo: SapoParams = field(default_factory=SapoParams)
     cispo: CispoParams = field(default_factory=CispoParams)
+    topr: ToprParams = field(default_factory=ToprParams)
+    bapo: BapoParams = field(default_factory=BapoParams)
     # Take the importance ratio against the rollout engine's log-probs (log-space fold).
     correct_mismatch: bool = False
     # |log pi_old - log mu_engine| above this counts as an extreme token in mismatch/extreme_frac.
@@ -163,6 +165,11 @@ class Config:
         if outside:
             raise ValueError(f"rollout.sampling.stop_token_ids: {outside} outside the vocabulary "
                              f"[0, model.vocab_size={model.vocab_size})")
+        for s in self.task.eval_sets:
+            if (s.max_new_tokens or 0) >= model.max_position_embeddings:
+                raise ValueError(f"task.eval_sets: {s.name!r} max_new_tokens ({s.max_new_tokens}) "
+                                 f"leaves no room for a prompt in model.max_position_embeddings "
+                                 f"({model.max_position_embeddings})")
         if self.rollout.sampling.max_new_tokens >= model.max_position_embeddings:
             raise ValueError(f"rollout.sampling.max_new_tokens ({self.rollout.sampling.max_new_tokens}) "
                              f"leaves no room for a prompt in model.max_position_embeddings "
@@ -288,6 +295,9 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             out.update(flatten(value, key + "."))
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for k, item in enumerate(value):  # task.eval_sets[0].name, ...
+                out.update(flatten(item, f"{key}[{k}]."))
         else:
             out[key] = value
     return out

@@ -84,8 +84,11 @@ class FileSource:
     def after_batch(self, learner: Learner) -> None:
         pass
 
-    def evaluate(self) -> dict:
-        return {}
+    def evaluate(self, step: int) -> None:
+        pass
+
+    def evaluations(self, wait: bool = False) -> list:
+        return []
 
     def state_dict(self) -> dict:
         return dict(self.cursor)

@@ -7,8 +7,10 @@ owns the rollout side (the fleet, the task, the client); every rank takes part i
               trained as N steps; then the weights go to the fleet (one version per batch).
   async mode  each batch is one mini-batch from the staleness buffer (the producer keeps
               generating); every `rollout.sync_interval` steps the weights go to the fleet.
-Evaluation runs on the fleet (greedy, the task's held-out prompts). The source's checkpoint state
-is the task's prompt cursor.
+Evaluation runs on the fleet, on the task's evaluation sets (k responses per prompt at each set's
+sampling), in the background: it shares the fleet with the next rollout batch while the learners
+train, and the next weight update waits for it. The source's checkpoint state is the task's prompt
+cursor.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .learner.sample_files import recorded
 from .learner.samples import RolloutBatch
 from .rollout.auth import run_api_key, use_api_key
 from .rollout.client import RolloutClient
+from .rollout.evaluation import BackgroundEvaluation, evaluate_sets
 from .rollout.fleet import Fleet, FleetError
 from .rollout.server import is_healthy
 from .rollout.source import RolloutSource
@@ -63,6 +66,8 @@ class FleetSource:
         self._task_state: Optional[dict] = None
         self._since_sync = 0
         self._version = 0  # the policy version the next rollout batch starts at
+        self._eval = BackgroundEvaluation()  # rank 0
+        self._evaluated: list[tuple[int, dict]] = []  # finished, not yet handed to the trainer
 
     def start(self, learner: Learner) -> None:
         config, r, cfg = self.config, self.config.rollout, self.config.train
@@ -89,8 +94,9 @@ class FleetSource:
                 num_moe_layers=config.model.num_hidden_layers if config.model.is_moe else 0,
                 num_experts=config.model.num_experts or None,
                 max_in_flight=r.max_in_flight, on_invalid=r.on_invalid)
-            self.rollout = RolloutSource(r, client, self.task.train_prompts(), self.task.reward,
+            self.rollout = RolloutSource(r, client, self.task.train_prompts(), self.task.rewards,
                                          cfg.mini_batch_size // r.n_samples_per_prompt)
+            self._eval_sets = self.task.eval_sets()
         if r.fleet.attach_router_url or r.weight_sync == "distributed":
             # Attached servers run whatever they started with; the distributed path names its version.
             self._sync(learner)
@@ -152,11 +158,24 @@ class FleetSource:
             self.rollout.advance()
         self._since_sync += self.steps_per_batch
         if self.sync_mode or self._since_sync >= self.config.rollout.sync_interval:
+            self._collect(wait=True)  # the weights it judges stay on the servers until it is done
             self._sync(learner)
             self._since_sync = 0
 
-    def evaluate(self) -> dict:
-        return self.rollout.evaluate(self.task.eval_prompts())
+    def evaluate(self, step: int) -> None:
+        r = self.config.rollout
+        if self._eval_sets:
+            self._eval.start(step, lambda: evaluate_sets(self.fleet, self._eval_sets, self.task.rewards,
+                                                         r.sampling, r.max_in_flight))
+
+    def _collect(self, wait: bool) -> None:
+        if self._eval.running and (wait or self._eval.done):
+            self._evaluated.append(self._eval.wait())
+
+    def evaluations(self, wait: bool = False) -> list[tuple[int, dict]]:
+        self._collect(wait)
+        done, self._evaluated = self._evaluated, []
+        return done
 
     def state_dict(self) -> dict:
         return {"task": self.task.state_dict()}
@@ -172,6 +191,8 @@ class FleetSource:
                 self.rollout.stop()
             if self.fleet is not None:
                 self.fleet.shutdown()
+            if self.task is not None:
+                self.task.close()
 
 
 def train_online_rank(rank: int, world_size: int, config: Config, resume: bool) -> dict:

@@ -8,7 +8,8 @@ rank's first rank, which passes them to its TP / CP / PP peers), so no rank hold
 share of the batch plus one group in transit; every rank prepares its share
 (`rollout_batch`: its micro-batches, the old log-probs recomputed once) and trains the batch's steps; the source then
 does what follows a batch (a weight sync to the fleet when due). Evaluation (when the source has
-one) every `train.eval_interval` steps; checkpoints every `train.save_interval` steps, also inside
+one) every `train.eval_interval` steps, logged in a row of its own at the step it judged when it
+is done (it may run while training goes on); checkpoints every `train.save_interval` steps, also inside
 a rollout batch: each rank's prepared share of the batch is then persisted in the run's rollout
 bank first, and `--resume` continues at the exact next step without regenerating or recomputing
 anything. SIGINT/SIGTERM (Ctrl-C) and the run's stop file (`RUN_DIR/stop_request`: written by
@@ -83,8 +84,13 @@ class SampleSource(Protocol):
     def after_batch(self, learner: Learner) -> None:
         """Collective: the learners trained a batch (weights to the fleet when due)."""
 
-    def evaluate(self) -> dict:
-        """Rank 0: held-out evaluation metrics of the current weights ({} without one)."""
+    def evaluate(self, step: int) -> None:
+        """Rank 0: start judging the current weights (those of `step`) on the held-out sets (a
+        no-op without any); it may run while training goes on."""
+
+    def evaluations(self, wait: bool = False) -> list[tuple[int, dict]]:
+        """Rank 0: (step, metrics) of the evaluations finished since the last call (`wait`: the
+        running one included)."""
 
     def state_dict(self) -> dict:
         """Rank 0: JSON-able state that a resumed run continues from."""
@@ -300,9 +306,12 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
             source.after_batch(learner)
             version = learner.policy_version
             if sinks:
+                sinks.log(version, last)
+                for step, metrics in source.evaluations():
+                    sinks.log_evaluation(step, metrics)
                 # due when a multiple of eval_interval lies in the batch's steps (key: its start)
-                due = cfg.eval_interval and version // cfg.eval_interval > key // cfg.eval_interval
-                sinks.log(version, {**last, **(source.evaluate() if due else {})})
+                if cfg.eval_interval and version // cfg.eval_interval > key // cfg.eval_interval:
+                    source.evaluate(version)
             stopping = stop.pending(control)
             if stopping or (cfg.save_interval and since_save >= cfg.save_interval):
                 checkpoint()
@@ -312,6 +321,9 @@ def train_rank(rank: int, config: Config, learner: Learner, source: SampleSource
                 break
         if since_save:
             checkpoint()
+        if sinks:  # the last evaluation is waited for, unless the run was asked to stop
+            for step, metrics in source.evaluations(wait=status != "KILLED"):
+                sinks.log_evaluation(step, metrics)
     except BaseException:
         status = "FAILED"
         raise

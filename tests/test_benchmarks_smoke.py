@@ -80,3 +80,11 @@ def test_weight_sync_small():
         assert re.search(rf"^EP2 [\d.]+ \S+ {path} r1\s", out, re.M), out
     assert re.search(r"^TP2 .*: streaming peak RSS .* stream sync / plain broadcast = [\d.]+x", out, re.M), out
     assert re.search(r"^RESULT: (PASS|FAIL)$", out, re.M), out
+
+
+def test_math_verifiers_small():
+    out = run_script("math_verifiers.py", "--responses", "16", "--workers", "1", "--timeout", "1")
+    assert re.search(r"^math_verify\+fast\s+\d+/\d+", out, re.M), out
+    assert re.search(r"^math_verify in process \(plain\)\s", out, re.M), out
+    assert "hostile answer: scored 0" in out
+    assert re.search(r"^RESULT math_verify\+fast right on \d+/\d+ .*: (PASS|FAIL)$", out, re.M), out

@@ -34,7 +34,7 @@ def test_overrides_are_typed_and_reach_the_selected_loss():
 @pytest.mark.parametrize("override, message", [
     ("algorithm.vespo.c3=1", r"algorithm\.vespo\.c3: unknown key; allowed: \['c1_neg'"),
     ("algorithm.vespo.c1_pos=abc", r"algorithm\.vespo\.c1_pos: expected a number"),
-    ("algorithm.loss=ppo", r"algorithm: loss='ppo' is unknown; allowed: \['cispo'"),
+    ("algorithm.loss=ppo", r"algorithm: loss='ppo' is unknown; allowed: \['bapo', 'cispo'"),
     ("algorithm.correct_mismatch=yes please", r"algorithm\.correct_mismatch: expected true/false"),
     ("parallel.tp=0", r"parallel: tp must be a positive integer"),
     ("algorithm.vespo.c2_neg=-1", r"algorithm\.vespo: kernel c2_neg must be finite and > 0"),

@@ -58,30 +58,43 @@ def _mlflow_run(run_dir: Path, uri: str | None = None):
     return client, client.get_run(run_id)
 
 
-def test_sync_training_then_resume(tmp_path, server):
+def test_sync_training_then_resume_then_eval(tmp_path, server):
+    # Two evaluation sets of the held-out prompts: greedy, and 4 samples of the first 2 prompts.
     config = _config(tmp_path, train={"heatmap_interval": 2, "histogram_interval": 2},
-                     tracking={"uri": server.url})
+                     tracking={"uri": server.url},
+                     task={"eval_sets": [{"name": "greedy"},
+                                         {"name": "sampled", "k": 4, "temperature": 1.0, "limit": 2}]})
     run_dir = tmp_path / "run"
     _train(config, run_dir)
     rows = _metrics(run_dir)
     steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one row per step, evaluations included
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # one row per step
+    # An evaluation of the weights of steps 2 and 4, each in a row of its own once it finished.
+    evals = [r for r in rows if "eval/mean_avg" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["eval/greedy/prompts"] == 4 and r["eval/sampled/prompts"] == 2
+        assert 0 <= r["eval/sampled/avg@4"] <= r["eval/sampled/pass@4"] <= 1
+        assert r["eval/mean_avg"] == (r["eval/greedy/avg@1"] + r["eval/sampled/avg@4"]) / 2
+        assert 0 <= r["eval/sampled/truncated_frac"] <= 1 and r["eval/greedy/response_tokens"] > 0
     # N = 2: the second step of each rollout batch trains on data one version old.
     assert [r["staleness/versions_behind"] for r in steps] == [0, 1, 0, 1]
     assert [r["staleness/sample_lag_mean"] for r in steps] == [0, 1, 0, 1]
     for r in steps:
         assert 0 <= r["reward/mean"] <= 1 and r["rollout/tokens_per_s"] > 0 and r["phi/mean"] > 0
-    assert [r["step"] for r in rows if "eval/reward" in r] == [2, 4]
     # Read back through the tracking server: params, per-step histories, artifacts.
     client, run = _mlflow_run(run_dir, server.url)
     assert run.info.status == "FINISHED"
     assert run.data.params["rollout.mode"] == "sync" and run.data.params["train.staleness"] == "2"
     assert run.data.params["algorithm.vespo.c1_pos"] == "2.0"  # the kernel constants actually used
-    for key in ("loss", "phi/mean", "grad_norm", "reward/mean", "moe/drift_topk_mismatch_frac",
-                "tracking/nonfinite_metrics"):
+    for key in ("loss", "phi/mean", "grad_norm", "reward/mean", "moe/drift_topk_mismatch_frac"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2, 3, 4], key
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/reward")] == [2, 4]
+    # counted per logged row: the steps' and the evaluations'
+    history = client.get_metric_history(run.info.run_id, "tracking/nonfinite_metrics")
+    assert sorted(m.step for m in history) == [1, 2, 2, 3, 4, 4]
+    # MLflow keys cannot hold '@': avg@4 is logged as avg_4.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/sampled/avg_4")] == [2, 4]
     logged = artifacts(client, run.info.run_id)
     assert {"config.yaml", "plots/phi_kernel.png", "routing/step_00000002.png",
             "routing/step_00000004.png", "histograms/step_00000002.png",
@@ -96,6 +109,19 @@ def test_sync_training_then_resume(tmp_path, server):
     client, resumed = _mlflow_run(run_dir, server.url)
     assert resumed.info.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+
+    # `eval` on a megatron checkpoint: exported by the learner ranks, served by a fleet of its own,
+    # the table printed, the metrics in the run's MLflow run at the checkpoint's step.
+    done = subprocess.run([sys.executable, "-m", "megatron_vespo.cli", "eval", str(config), "--run-dir",
+                           str(run_dir), "--checkpoint", str(run_dir / "checkpoints" / "step_00000002")],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    table = done.stdout.splitlines()
+    assert table[0].endswith("(step 2)") and table[1].split()[:3] == ["set", "k", "avg@k"]
+    assert [line.split()[:2] for line in table[2:4]] == [["greedy", "1"], ["sampled", "4"]]
+    assert (run_dir / "eval" / "step_00000002" / "hf" / "config.json").is_file()
+    history = client.get_metric_history(run.info.run_id, "eval/sampled/pass_4")
+    assert sorted(m.step for m in history) == [2, 2, 4, 6]  # training's evaluations, then the command's
 
 
 def test_async_distributed_weights_with_r3(tmp_path):

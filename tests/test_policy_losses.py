@@ -8,8 +8,9 @@ import torch
 
 from megatron_vespo.algo.kernel import vespo_phi
 from megatron_vespo.algo.metrics import mismatch_metrics
-from megatron_vespo.algo.policy_losses import (POLICY_LOSSES, CispoParams, ClipParams, Denominators,
-                                               PolicyLossInput, get_policy_loss)
+from megatron_vespo.algo.policy_losses import (POLICY_LOSSES, BapoParams, CispoParams, ClipParams,
+                                               Denominators, PolicyLossInput, bapo_bounds,
+                                               get_policy_loss)
 from megatron_vespo.parallel.packing import pack_sequences
 from megatron_vespo.parallel.policy_objective import shard_policy_loss
 from megatron_vespo.parallel.step_reduce import global_denominators
@@ -44,8 +45,8 @@ def per_sequence(batch, logp):
     return log_w.detach()
 
 
-def test_registry_holds_the_six_losses_and_names_them_on_error():
-    assert sorted(POLICY_LOSSES) == ["cispo", "grpo", "gspo", "sapo", "seq_is", "vespo"]
+def test_registry_holds_the_eight_losses_and_names_them_on_error():
+    assert sorted(POLICY_LOSSES) == ["bapo", "cispo", "grpo", "gspo", "sapo", "seq_is", "topr", "vespo"]
     with pytest.raises(ValueError, match="'ppo' is unknown; choose one of"):
         get_policy_loss("ppo")
 
@@ -122,6 +123,47 @@ def test_sapo_matches_its_soft_gate_objective():
         terms.append((torch.sigmoid(tau * (rho - 1)) * 4 / tau * a).mean())
     objective = -torch.stack(terms).sum() / denom.sequences
     (expected,) = torch.autograd.grad(objective, logp)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_topr_is_plain_reinforce_for_positives_and_truncated_w_for_negatives():
+    batch, logp = make(spread=2.0)
+    _, grad, denom = run("topr", batch, logp)
+    w = per_sequence(batch, logp).exp()
+    a = batch.advantages
+    weight = torch.where(a >= 0, 1.0, w.clamp(max=1.0))
+    assert ((a < 0) & (w > 1)).any() and ((a < 0) & (w < 1)).any()  # both sides of the truncation
+    expected = torch.where(batch.loss_mask, -(weight * a)[batch.seq_index] / denom.tokens, 0.0)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_bapo_bounds_by_hand():
+    """Four tokens: positives (rho, A) = (1.5, 1), (1.1, 1); negatives (0.7, -1), (1.0, -2).
+    At (0.6, 1.2): live positive 1.1, live negative 0.7 + 2.0 = 2.7 -> 0.41. Raising c_lo to 0.75
+    silences the 0.7 token: 1.1 / 2.0 = 0.55, short of the default target 1; c_lo stops at 0.8,
+    then c_hi = 1.5 lets the 1.5 token through: 2.6 / 2.0 = 1.3."""
+    rho = torch.tensor([1.5, 1.1, 0.7, 1.0])
+    adv = torch.tensor([1.0, 1.0, -1.0, -2.0])
+    keep = torch.ones(4, dtype=torch.bool)
+    c_lo, c_hi = bapo_bounds(rho, adv, keep, BapoParams())
+    assert c_lo == pytest.approx(0.8) and c_hi == pytest.approx(1.5)
+    assert bapo_bounds(rho, adv, keep, BapoParams(target=0.4)) == pytest.approx((0.6, 1.2))  # 0.41
+    assert bapo_bounds(rho, adv, keep, BapoParams(target=0.5)) == pytest.approx((0.75, 1.2))  # 0.55
+    assert bapo_bounds(rho, adv, keep, BapoParams(target=10.0)) == pytest.approx((0.8, 2.0))  # capped
+    with pytest.raises(ValueError, match="bapo needs"):
+        BapoParams(low_max=1.2)
+
+
+def test_bapo_gradient_is_the_clip_at_its_chosen_bounds():
+    batch, logp = make(spread=2.0)
+    out, grad, denom = run("bapo", batch, logp)
+    m = out.metrics.finalize()
+    c_lo, c_hi = m["loss/bapo_c_low"], m["loss/bapo_c_high"]
+    rho = (logp - batch.old_logp).detach().exp()
+    a = batch.advantages[batch.seq_index]
+    assert (c_lo, c_hi) == bapo_bounds(rho, a, batch.loss_mask, BapoParams())
+    clipped = ((a > 0) & (rho > c_hi)) | ((a < 0) & (rho < c_lo))
+    expected = torch.where(batch.loss_mask & ~clipped, -rho * a / denom.tokens, 0.0)
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-9)
 
 

@@ -65,7 +65,7 @@ def test_groups_dropped_as_stale_free_their_slots_and_a_stalled_take_names_the_s
         assert buf.take(timeout=0) is None
     assert buf.stats.dropped_stale == 100 and buf.try_admit() is not None
     src = RolloutSource(RolloutConfig(mode="async", wait_timeout_s=0.2), None, iter(()),
-                        lambda meta, response: 1.0, prompts_per_step=2)
+                        lambda metas, responses: [1.0] * len(metas), prompts_per_step=2)
     src.buffer = StalenessBuffer(2, 1)
     with pytest.raises(RuntimeError, match=r"no step's groups after rollout.wait_timeout_s=0.2: "
                                            r"policy version 0, 0 of 2 groups ready, 0 running"):
@@ -149,7 +149,7 @@ def test_partial_rollout_is_kept_or_generated_again(mode):
 
     client = _SpanningClient()
     src = RolloutSource(RolloutConfig(mode="async", partial_rollout=mode, max_staleness=1), client,
-                        iter(()), lambda meta, response: 1.0, prompts_per_step=1)
+                        iter(()), lambda metas, responses: [1.0] * len(metas), prompts_per_step=1)
     src.buffer = StalenessBuffer(1, max_staleness=1)
     prompt = Prompt(7, [1, 2], {})
 

@@ -59,7 +59,7 @@ def test_synthetic_prompts_are_deterministic_fixed_length_and_eval_is_disjoint(t
     assert [p.group_id for p in train] == list(range(400))
     assert {len(p.prompt_ids) for p in train} == {12}
     assert [p.metadata["target"] for p in train[:4]] == list(CLASSES)
-    eval_texts = {p.metadata["prompt"] for p in task(3).eval_prompts()}
+    eval_texts = {p.metadata["prompt"] for p in task(3).eval_sets()[0].prompts}
     assert len(eval_texts) == 200 and not eval_texts & {p.metadata["prompt"] for p in train}
     assert [next(task(4).train_prompts()) for _ in range(1)] != train[:1]
 
@@ -80,7 +80,7 @@ def test_synthetic_reward_credit():
 
 def test_synthetic_reward_reads_ids_up_to_eos(tokenizer):
     task = SyntheticTask(tokenizer, SyntheticConfig(answer_length=4), seed=0, eval_size=1)
-    prompt = task.eval_prompts()[0]
+    prompt = task.eval_sets()[0].prompts[0]
     good = next(iter(CLASSES[prompt.metadata["target"]]))
     answer = tokenizer(good * 4, add_special_tokens=False).input_ids
     assert task.reward(prompt.metadata, answer + [tokenizer.eos_token_id]) == 1.0
@@ -93,7 +93,7 @@ def test_uniform_random_policy_reward_matches_the_analytic_value(tokenizer):
     expected = uniform_policy_reward(vocab, max_new, k)
     assert expected == pytest.approx(0.0740, abs=5e-5)  # the value quoted in synthetic.py
     task = SyntheticTask(tokenizer, SyntheticConfig(answer_length=k), seed=1, eval_size=4)
-    prompts, rng, n = task.eval_prompts(), random.Random(0), 10000  # one prompt per class
+    prompts, rng, n = task.eval_sets()[0].prompts, random.Random(0), 10000  # one prompt per class
     total = sum(task.reward(prompts[i % 4].metadata, rng.choices(range(vocab), k=max_new))
                 for i in range(n))
     # The reward's std is below 0.1, so the standard error of the mean is below 0.001.
@@ -203,7 +203,8 @@ def test_math_task_serves_an_epoch_then_reshuffles_and_scores(tokenizer, tmp_pat
     served = [next(stream) for _ in range(8)]
     assert [p.group_id for p in served] == list(range(8))
     assert sorted(p.metadata["answer"] for p in served[:4]) == ["0", "1", "2", "3"]
-    assert len(task.eval_prompts()) == 2
+    (heldout,) = task.eval_sets()
+    assert heldout.config.name == "heldout" and len(heldout.prompts) == 2
     meta = served[0].metadata
     response = tokenizer(f"so {{{meta['answer']}}}", add_special_tokens=False).input_ids
     assert task.reward(meta, response) == 0.0  # braces without a box

@@ -1,8 +1,8 @@
 """Staleness study: which policy loss keeps its accuracy when samples are N policy versions old?
 
-Sweeps loss in {vespo, vespo_adaptive, grpo, gspo, sapo} x staleness N in {1, 4, 16, 64} x seeds on
-a digit-cipher task (`task.py`) with a tiny GRU policy sampled in-process with torch: no SGLang, no
-megatron. The losses, log W, phi and metrics are the project's own (`megatron_vespo.algo` through
+Sweeps loss in {vespo, vespo_adaptive, grpo, gspo, sapo, topr, bapo} x staleness N in {1, 4, 16, 64}
+x seeds on a digit-cipher task (`task.py`) with a tiny GRU policy sampled in-process with torch: no
+SGLang, no megatron. The losses, log W, phi and metrics are the project's own (`megatron_vespo.algo` through
 `parallel.policy_objective.shard_policy_loss`, unsharded). Every cell of a seed starts from the same
 supervised warm-up (10-40% held-out accuracy) and sees the same prompts, total samples, learning
 rate and number of optimizer steps; only the loss and N differ (see `trainer.py` for the schedule).

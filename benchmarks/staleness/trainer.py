@@ -37,7 +37,7 @@ from .policy import GruPolicy, PolicyConfig, Rollout, sample
 from .task import MAX_NEW_TOKENS, PROMPT_LEN, CipherTask
 
 ADAPTIVE = "vespo_adaptive"  # vespo with c2 driven by `kernel_control`, not a registry entry
-LOSSES = ("vespo", ADAPTIVE, "grpo", "gspo", "sapo")
+LOSSES = ("vespo", ADAPTIVE, "grpo", "gspo", "sapo", "topr", "bapo")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,9 @@ class MetricSums:
         for name in ("clip_low", "clip_high"):
             if name in s:
                 out[f"loss/{name}_frac"] = ratio(s[name], s["n_tok"])
+        for name in ("bapo_c_low", "bapo_c_high"):  # the adaptive clip bounds (largest chosen)
+            if name in m:
+                out[f"loss/{name}"] = m[name]
         if "n_seq" in s:
             n = s["n_seq"]
             out["is/num_seqs"] = n

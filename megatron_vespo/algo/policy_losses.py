@@ -12,12 +12,17 @@ of its values over all DP x CP ranks and micro-batches is the global loss.
     cispo   -sg[clip(rho_t, lo, 1+eh)] A log pi_t / N_tokens            (clipped, detached token IS)
     gspo    -min(s_i A, clip(s_i) A) / (T_i N_seqs), s_i = exp(log W_i / T_i)  (length-normalised)
     sapo    -sigmoid(tau (rho_t - 1)) 4/tau A / (T_i N_seqs)            (soft gate instead of a clip)
+    topr    -sg[w_i] A sum_t log pi_t / N_tokens, w_i = 1 (A >= 0), min(W_i, 1) (A < 0)
+                                                   (Tapered Off-Policy REINFORCE, Le Roux et al. 2025)
+    bapo    -min(rho_t A, clip(rho_t, c_lo, c_hi) A) / N_tokens, bounds raised until the positive
+            tokens' share of the live gradient reaches a target (Xi et al. 2025, BAPO)
 
 Sequences with a non-finite log-ratio contribute nothing and are counted in the metrics.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any, Callable, Optional
@@ -282,4 +287,88 @@ def cispo_loss(inp: PolicyLossInput, p: CispoParams) -> PolicyLossOutput:
     metrics = sequence_metrics(inp.seq, inp.advantages).merge(
         _token_stats(inp, loss, clip_low=low & keep, clip_high=(rho > 1.0 + p.eps_high) & keep)
     )
+    return PolicyLossOutput(loss, metrics)
+
+
+@dataclass(frozen=True)
+class ToprParams:
+    neg_max: float = 1.0  # the truncation of W for A < 0 (TOPR's [0, 1])
+
+    def __post_init__(self) -> None:
+        if not self.neg_max > 0:
+            raise ValueError(f"topr needs neg_max > 0, got {self.neg_max}")
+
+
+@register("topr", ToprParams)
+def topr_loss(inp: PolicyLossInput, p: ToprParams) -> PolicyLossOutput:
+    """Positive samples: plain REINFORCE (no importance weight: pushing up a good sample is safe
+    whoever sampled it); negative samples: the sequence weight W truncated to [0, neg_max]."""
+    w = torch.where(inp.advantages >= 0, 1.0, inp.seq.log_w.exp().clamp(max=p.neg_max))
+    w = torch.where(inp.seq.valid, w, 0.0)
+    loss = _weighted_reinforce(inp, w)
+    metrics = sequence_metrics(inp.seq, inp.advantages).merge(_token_stats(inp, loss))
+    return PolicyLossOutput(loss, metrics, w[inp.seq.valid].detach())
+
+
+@dataclass(frozen=True)
+class BapoParams:
+    """Ratio bounds (explicit, not 1 -+ eps): c_lo from low_start up to low_max, then c_hi from
+    high_start up to high_max, in `step`s, until positive / negative live contribution >= target.
+    Defaults: the BAPO authors' published recipe."""
+
+    low_start: float = 0.6
+    low_max: float = 0.8
+    high_start: float = 1.2
+    high_max: float = 2.0
+    step: float = 0.05
+    target: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.low_start <= self.low_max < 1 < self.high_start <= self.high_max):
+            raise ValueError(f"bapo needs 0 < low_start <= low_max < 1 < high_start <= high_max, got "
+                             f"{self.low_start}, {self.low_max}, {self.high_start}, {self.high_max}")
+        if not (self.step > 0 and self.target > 0):
+            raise ValueError(f"bapo needs step > 0 and target > 0, got {self.step}, {self.target}")
+
+
+def bapo_bounds(rho: Tensor, adv: Tensor, keep: Tensor, p: BapoParams) -> tuple[float, float]:
+    """(c_lo, c_hi) for tokens with ratios `rho` and advantages `adv` ([T]; `keep` the counted
+    ones). A token's gradient is live unless the clip is active (A > 0 and rho > c_hi, or A < 0 and
+    rho < c_lo); its contribution is rho |A|. Raising c_lo silences more negative tokens, raising
+    c_hi lets more positive ones through: both raise the positive share."""
+    weight = torch.where(keep, rho * adv.abs(), 0.0).double()
+    pos, neg = keep & (adv > 0), keep & (adv < 0)
+
+    def balanced(c_lo: float, c_hi: float) -> bool:
+        p_live = weight[pos & (rho <= c_hi)].sum()
+        n_live = weight[neg & (rho >= c_lo)].sum()
+        return bool(n_live == 0 or p_live >= p.target * n_live)
+
+    def grid(start: float, stop: float) -> list[float]:
+        return [min(start + k * p.step, stop)
+                for k in range(math.ceil((stop - start) / p.step - 1e-9) + 1)]
+
+    c_lo, c_hi = p.low_start, p.high_start
+    for c_lo in grid(p.low_start, p.low_max):
+        if balanced(c_lo, c_hi):
+            return c_lo, c_hi
+    for c_hi in grid(p.high_start, p.high_max):
+        if balanced(c_lo, c_hi):
+            break
+    return c_lo, c_hi
+
+
+@register("bapo", BapoParams)
+def bapo_loss(inp: PolicyLossInput, p: BapoParams) -> PolicyLossOutput:
+    """The bounds are chosen on the tokens of this call: a whole step in a single-process run; in
+    the distributed learner, each micro-batch share on its own (the largest reported)."""
+    r, _ = token_log_ratio(inp.masked_logp(), inp.behaviour_logp)
+    rho, adv, keep = r.exp(), inp.token_advantages, inp.contributing
+    c_lo, c_hi = bapo_bounds(rho.detach(), adv, keep, p)
+    surrogate, low, high = _clipped_surrogate(rho, adv, ClipParams(1.0 - c_lo, c_hi - 1.0))
+    loss = -torch.where(keep, surrogate, 0.0).sum() / inp.denom.tokens
+    metrics = sequence_metrics(inp.seq, inp.advantages).merge(
+        _token_stats(inp, loss, clip_low=low & keep, clip_high=high & keep)).merge(
+        MetricSums(max={"bapo_c_low": torch.tensor(c_lo, dtype=torch.float64),
+                        "bapo_c_high": torch.tensor(c_hi, dtype=torch.float64)}))
     return PolicyLossOutput(loss, metrics)

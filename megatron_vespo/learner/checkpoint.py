@@ -402,8 +402,6 @@ def load_checkpoint(learner, root: Union[str, Path]) -> Optional[dict]:
     Raises `ValueError` naming every differing field, before any tensor is touched, when the
     checkpoint was saved for another model shape.
     """
-    from megatron.core import dist_checkpointing
-
     found, error = None, None
     if _rank() == 0:  # one reading of `latest` for all ranks, even while another job writes it
         try:
@@ -415,11 +413,21 @@ def load_checkpoint(learner, root: Union[str, Path]) -> Optional[dict]:
         raise ValueError(error)
     if found is None:
         return None
-    path = Path(found)
+    if not (Path(found) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{Path(root) / LATEST} names {found}, which is not a complete "
+                                f"checkpoint (no {CONFIG_FILE})")
+    return load_checkpoint_dir(learner, found)
+
+
+def load_checkpoint_dir(learner, path: Union[str, Path]) -> dict:
+    """Restore one checkpoint directory (`root/step_N`) into `learner`; returns its `extra_state`.
+    Collective; the same checks as `load_checkpoint`."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"{Path(root) / LATEST} names {path}, which is not a complete "
-                                f"checkpoint (no {CONFIG_FILE})")
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {CONFIG_FILE})")
     record = json.loads(config_file.read_text())
     _check_config(path, record, learner)
 

@@ -82,9 +82,14 @@ class RolloutConfig:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
 
 
-def rewarded(samples: Sequence[Sample], reward: Callable[[dict, list[int]], float]) -> list[Sample]:
-    """The engine's samples with the task's reward (their arrays shared, not copied)."""
-    return [replace(s, reward=float(reward(s.metadata, s.response_ids))) for s in samples]
+Rewards = Callable[[Sequence[dict], Sequence[Sequence[int]]], list]
+
+
+def rewarded(samples: Sequence[Sample], rewards: Rewards) -> list[Sample]:
+    """The engine's samples with the task's rewards, scored together (their arrays shared, not
+    copied)."""
+    scores = rewards([s.metadata for s in samples], [s.response_ids for s in samples])
+    return [replace(s, reward=float(r)) for s, r in zip(samples, scores)]
 
 
 def _sync_iter(agen: AsyncIterator):
@@ -103,14 +108,15 @@ def _sync_iter(agen: AsyncIterator):
 
 
 class RolloutSource:
-    """Rank 0's view of rollout: a client on the fleet, the task's prompts and reward."""
+    """Rank 0's view of rollout: a client on the fleet, the task's prompts and rewards
+    (`Task.rewards`)."""
 
     def __init__(self, cfg: RolloutConfig, client: RolloutClient, prompts: Iterator,
-                 reward: Callable[[dict, list[int]], float], prompts_per_step: int):
+                 rewards: Rewards, prompts_per_step: int):
         self.cfg = cfg
         self.client = client
         self.prompts = prompts
-        self.reward = reward
+        self.rewards = rewards
         self.prompts_per_step = prompts_per_step
         self.buffer: Optional[StalenessBuffer] = None
         self._thread: Optional[threading.Thread] = None
@@ -128,7 +134,7 @@ class RolloutSource:
         # The trainer's progress bar reports rollout tokens/s; a second bar per batch would be noise.
         n = self.cfg.n_samples_per_prompt
         requests = list(itertools.islice(self.prompts, num_prompts))
-        groups = ((slot * n, rewarded(gens, self.reward)) for slot, gens in
+        groups = ((slot * n, rewarded(gens, self.rewards)) for slot, gens in
                   _sync_iter(self.client.stream(requests, replacements=self.prompts)))
         return RolloutBatch(num_prompts * n, groups, self._batch_metrics)
 
@@ -138,20 +144,6 @@ class RolloutSource:
                 "rollout/seconds": stats.wall_time_s,
                 "rollout/requests_retried": float(stats.requests_retried),
                 "rollout/groups_skipped": float(stats.groups_skipped)}
-
-    def evaluate(self, prompts: Sequence, max_new_tokens: Optional[int] = None) -> dict[str, float]:
-        """Greedy (temperature 0), one response per held-out prompt: mean reward and length."""
-        sampling = SamplingOptions(
-            max_new_tokens=max_new_tokens or self.cfg.sampling.max_new_tokens, temperature=0.0,
-            stop_token_ids=self.cfg.sampling.stop_token_ids)
-        client = RolloutClient(self.client.fleet, sampling, n=1, max_in_flight=self.cfg.max_in_flight,
-                               on_invalid="skip")
-        gens = client.generate_batch(list(prompts), progress=False)
-        samples = rewarded(gens, self.reward)
-        n = max(len(samples), 1)
-        return {"eval/reward": sum(s.reward for s in samples) / n,
-                "eval/response_tokens": sum(len(s.response_ids) for s in samples) / n,
-                "eval/prompts": float(len(samples))}
 
     # -- fully asynchronous mode -----------------------------------------------------------------
     def start(self, version: int) -> None:
@@ -204,7 +196,8 @@ class RolloutSource:
                 self._retry.append(prompt)
                 buffer.release()
                 return
-            samples = rewarded(gens, self.reward)
+            # Off the event loop: a verifier's workers take their time, the other groups go on.
+            samples = await asyncio.to_thread(rewarded, gens, self.rewards)
         except asyncio.CancelledError:
             buffer.release()
             raise

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from .eval_sets import EvalSet
 
 
 class Prompt(NamedTuple):
@@ -21,17 +24,26 @@ class Prompt(NamedTuple):
 
 class Task(Protocol):
     """A prompt source plus a verifier. `train_prompts` is endless and resumable through
-    `state_dict` / `load_state_dict`; `eval_prompts` is a fixed list disjoint from training."""
+    `state_dict` / `load_state_dict`; `eval_sets` are fixed prompt lists disjoint from training,
+    each with its own k and sampling (tasks/eval_sets.py)."""
 
     def train_prompts(self) -> Iterator[Prompt]: ...
 
-    def eval_prompts(self) -> list[Prompt]: ...
+    def eval_sets(self) -> list["EvalSet"]: ...
 
     def reward(self, metadata: dict[str, Any], response_ids: Sequence[int]) -> float: ...
+
+    def rewards(self, metadata: Sequence[dict[str, Any]],
+                response_ids: Sequence[Sequence[int]]) -> list[float]:
+        """The rewards of several responses (a group, an evaluation set), in order; a task with a
+        slow verifier checks them in parallel."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def cut_at_eos(response_ids: Sequence[int], eos_token_id: int | None) -> list[int]:

@@ -10,17 +10,14 @@ exceeds its time budget; anything unsupported or failing is "not equal".
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import select
-import subprocess
-import sys
-import threading
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
+
+from .worker_pool import WorkerPool
 
 _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _FRAC = re.compile(r"^([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}$")
@@ -124,58 +121,27 @@ def latex_to_sympy(s: str, max_chars: int) -> Optional[str]:
 
 
 class SympyJudge:
-    """Symbolic equality through a long-lived worker process (started on first use, restarted after
-    a timeout or crash). Thread-safe; results are cached, because the same answer recurs."""
+    """Symbolic equality in a killable worker process (`WorkerPool`, started on first use and
+    restarted after a timeout or crash). Thread-safe; results are cached, because the same answer
+    recurs."""
 
     def __init__(self, timeout_s: float = 2.0, max_chars: int = 128, startup_timeout_s: float = 60.0):
-        self.timeout_s, self.max_chars, self.startup_timeout_s = timeout_s, max_chars, startup_timeout_s
-        self._lock = threading.Lock()
-        self._proc: Optional[subprocess.Popen] = None
+        self.max_chars = max_chars
+        self.pool = WorkerPool(Path(__file__).with_name("sympy_worker.py"), 1, timeout_s,
+                               startup_timeout_s)
         self.equal = lru_cache(maxsize=4096)(self._equal)
-
-    def _read(self, timeout_s: float) -> Optional[dict]:
-        """The worker's next line, or None if it sends nothing within timeout_s or has died.
-        Requests and answers alternate, so nothing is ever left in the pipe's read buffer, and
-        select() on the descriptor sees every answer."""
-        ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
-        line = self._proc.stdout.readline() if ready else ""
-        return json.loads(line) if line else None
-
-    def _ask(self, a: str, b: str) -> bool:
-        try:
-            if self._proc is None or self._proc.poll() is not None:
-                worker = Path(__file__).with_name("sympy_worker.py")
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-u", str(worker)], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                if self._read(self.startup_timeout_s) is None:
-                    raise OSError("the sympy worker did not start")
-            self._proc.stdin.write(json.dumps({"a": a, "b": b}) + "\n")
-            self._proc.stdin.flush()
-            answer = self._read(self.timeout_s)
-            if answer is not None:
-                return bool(answer["equal"])
-        except (OSError, ValueError):  # the worker failed to start or died mid-request
-            pass
-        self.close()  # timed out or crashed: its state is unknown, start afresh next time
-        return False
 
     def _equal(self, a: str, b: str) -> bool:
         """True only if sympy shows a - b simplifies to 0 within the time budget."""
         sa, sb = latex_to_sympy(a, self.max_chars), latex_to_sympy(b, self.max_chars)
         if sa is None or sb is None:
             return False
-        with self._lock:
-            return self._ask(sa, sb)
+        answer = self.pool.ask({"a": sa, "b": sb})
+        return answer is not None and bool(answer["equal"])
 
     def close(self) -> None:
         """Stop the worker (a later call starts a new one)."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            for stream in (self._proc.stdin, self._proc.stdout):
-                stream.close()
-            self._proc = None
+        self.pool.close()
 
 
 def _split_top_level(s: str) -> list[str]:

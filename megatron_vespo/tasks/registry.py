@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .base import Task
+from .eval_sets import EvalSetConfig, check_unique_names
 from .math_task import MathRewardConfig, MathTask
 from .prompt_data import PromptDataConfig
 from .synthetic import SyntheticConfig, SyntheticTask
@@ -16,9 +17,11 @@ class TaskConfig:
     """Which task, and its settings.
 
     name: "synthetic" (the built-in character task, for the embedded default and tests) or "math"
-    (prompts from data.path, \\boxed-answer reward). seed: prompt order / generation. eval_size: the
-    number of held-out prompts (synthetic: generated; math: the first usable ones of data.eval_path).
-    data: the prompt files (math only). synthetic / math: each task's own options.
+    (prompts from data.path, \\boxed-answer reward). seed: prompt order / generation. eval_sets:
+    the evaluation sets (name, file, k, sampling; tasks/eval_sets.py). Without any, one greedy set
+    "heldout" of eval_size prompts (synthetic: generated; math: the first usable ones of
+    data.eval_path, when set). data: the prompt files (math only). synthetic / math: each task's
+    own options.
     """
 
     name: str = "synthetic"
@@ -27,6 +30,7 @@ class TaskConfig:
     tokenizer_path: Optional[str] = None
     seed: int = 0
     eval_size: int = 64
+    eval_sets: tuple[EvalSetConfig, ...] = ()
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     math: MathRewardConfig = field(default_factory=MathRewardConfig)
@@ -38,14 +42,33 @@ class TaskConfig:
             raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
         if self.name == "math" and self.data.path is None:
             raise ValueError("data.path is required for name='math' (a .jsonl or .parquet file)")
+        check_unique_names(self.eval_sets)
+        for s in self.eval_sets:
+            if self.name == "math" and s.path is None:
+                raise ValueError(f"eval_sets: {s.name!r} needs a path (a .jsonl or .parquet file)")
+            if self.name == "synthetic" and s.path is not None:
+                raise ValueError(f"eval_sets: {s.name!r} has a path, but the synthetic task "
+                                 f"generates its held-out prompts (leave path out)")
+
+    @property
+    def resolved_eval_sets(self) -> tuple[EvalSetConfig, ...]:
+        """eval_sets, or the default greedy "heldout" set (none when there is nothing to hold out)."""
+        if self.eval_sets or self.eval_size == 0:
+            return self.eval_sets
+        if self.name == "synthetic":
+            return (EvalSetConfig("heldout"),)
+        if self.data.eval_path is not None:
+            return (EvalSetConfig("heldout", self.data.eval_path, limit=self.eval_size),)
+        return ()
 
 
 def _synthetic(config: TaskConfig, tokenizer: Any) -> Task:
-    return SyntheticTask(tokenizer, config.synthetic, config.seed, config.eval_size)
+    return SyntheticTask(tokenizer, config.synthetic, config.seed, config.eval_size,
+                         config.resolved_eval_sets)
 
 
 def _math(config: TaskConfig, tokenizer: Any) -> Task:
-    return MathTask(tokenizer, config.data, config.math, config.seed, config.eval_size)
+    return MathTask(tokenizer, config.data, config.math, config.seed, config.resolved_eval_sets)
 
 
 TASKS: dict[str, Callable[[TaskConfig, Any], Task]] = {"synthetic": _synthetic, "math": _math}

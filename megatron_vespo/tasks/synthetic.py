@@ -44,6 +44,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .base import Prompt, cut_at_eos
+from .eval_sets import EvalSet, EvalSetConfig
 
 CLASSES: dict[str, frozenset[str]] = {
     "even": frozenset("02468"),
@@ -118,8 +119,10 @@ class SyntheticTask:
     """The synthetic task over a tokenizer (the tiny character tokenizer is the intended one: with
     another, each response token is one answer unit, in the class only if it is one class char)."""
 
-    def __init__(self, tokenizer: Any, config: SyntheticConfig, seed: int, eval_size: int):
+    def __init__(self, tokenizer: Any, config: SyntheticConfig, seed: int, eval_size: int,
+                 eval_sets: Sequence[EvalSetConfig] = (EvalSetConfig("heldout"),)):
         self.tokenizer, self.config, self.seed, self.eval_size = tokenizer, config, seed, eval_size
+        self.sets = tuple(eval_sets)
         self._next_index = 0
         self._eos = tokenizer.eos_token_id
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
@@ -138,8 +141,10 @@ class SyntheticTask:
             self._next_index += 1
             yield self._prompt(index, "train")
 
-    def eval_prompts(self) -> list[Prompt]:
-        return [self._prompt(i, "eval") for i in range(self.eval_size)]
+    def eval_sets(self) -> list[EvalSet]:
+        """Every set scores the first eval_size (or its `limit`) generated held-out prompts."""
+        prompts = [self._prompt(i, "eval") for i in range(self.eval_size)]
+        return [EvalSet(s, prompts[:s.limit]) for s in self.sets]
 
     def reward(self, metadata: dict[str, Any], response_ids: Sequence[int]) -> float:
         """Score the response token ids (up to the first <eos>) against metadata['target']."""
@@ -149,6 +154,10 @@ class SyntheticTask:
                   cut_at_eos(response_ids, self._eos)]
         return synthetic_reward(metadata["target"], answer, self.config.answer_length)
 
+    def rewards(self, metadata: Sequence[dict[str, Any]],
+                response_ids: Sequence[Sequence[int]]) -> list[float]:
+        return [self.reward(m, r) for m, r in zip(metadata, response_ids)]
+
     def state_dict(self) -> dict[str, Any]:
         return {"task": "synthetic", "seed": self.seed, "next_index": self._next_index}
 
@@ -156,3 +165,6 @@ class SyntheticTask:
         if state.get("task") != "synthetic" or state.get("seed") != self.seed:
             raise ValueError(f"cannot resume the synthetic task (seed {self.seed}) from {state!r}")
         self._next_index = int(state["next_index"])
+
+    def close(self) -> None:
+        """Nothing to stop."""

@@ -97,12 +97,17 @@ class RunSinks:
             self.tracker.log_histograms(step, values)
 
     def log(self, step: int, metrics: dict) -> None:
-        """One step's row (its evaluation included, when one followed it)."""
+        """One step's row."""
         self.jsonl.log(step, metrics)
         self.tracker.log_metrics(step, metrics)
         # The fields first, then the count: update() redraws at most every mininterval.
         self.bar.set_postfix(_progress_fields(metrics), refresh=False)
         self.bar.update(step - self.bar.n)
+
+    def log_evaluation(self, step: int, metrics: dict) -> None:
+        """An evaluation of the weights of `step`, in a row of its own (it may finish steps later)."""
+        self.jsonl.log(step, metrics)
+        self.tracker.log_metrics(step, metrics)
 
     def close(self, status: str) -> None:
         self.bar.close()
