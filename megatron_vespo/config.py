@@ -121,6 +121,15 @@ class Config:
             raise ValueError(f"train: a mini-batch of {self.train.mini_batch_size} samples "
                              f"(rollout_batch_size / staleness) cannot feed {dp} data-parallel ranks")
         check_moe_layout(self.model, self.parallel)
+        one_loss_call = (dp == 1 and self.parallel.cp == 1 and self.train.max_tokens_per_micro_batch
+                         is None and self.train.micro_batch_size >= self.train.mini_batch_size)
+        if self.algorithm.loss == "bapo" and not one_loss_call:
+            raise ValueError("algorithm.loss=bapo chooses its clip bounds from the tokens of one "
+                             "loss call, which is the whole step only with one data-parallel rank, "
+                             "parallel.cp 1 and one micro-batch per step (train.micro_batch_size >= "
+                             f"the mini-batch of {self.train.mini_batch_size}, no "
+                             "max_tokens_per_micro_batch); otherwise each micro-batch share would "
+                             "get bounds of its own")
         if self.rollout.sampling.temperature <= 0:
             raise ValueError("rollout.sampling.temperature must be > 0: training samples drawn "
                              "greedily (temperature 0) have no sampling distribution for the "

@@ -12,6 +12,7 @@ new run with `--new-run` or when the run directory has none.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -120,6 +121,8 @@ def evaluate_checkpoint(config: Config, checkpoint: Path, new_run: bool = False)
         raise ValueError("the config has no evaluation set: set task.eval_sets (or "
                          "task.data.eval_path with task.eval_size > 0)")
     model_path, step = hf_weights(config, Path(checkpoint), run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / srun: rank 0 alone evaluates
+        return {}
     task = build_task(config.task, load_tokenizer(config.task, config.train.init_hf_checkpoint
                                                   or str(model_path)))
     use_api_key(run_api_key(run_dir))

@@ -36,6 +36,7 @@ def test_overrides_are_typed_and_reach_the_selected_loss():
     ("algorithm.vespo.c1_pos=abc", r"algorithm\.vespo\.c1_pos: expected a number"),
     ("algorithm.loss=ppo", r"algorithm: loss='ppo' is unknown; allowed: \['bapo', 'cispo'"),
     ("algorithm.correct_mismatch=yes please", r"algorithm\.correct_mismatch: expected true/false"),
+    ("algorithm.loss=bapo", r"algorithm\.loss=bapo chooses its clip bounds from the tokens of one loss call"),
     ("parallel.tp=0", r"parallel: tp must be a positive integer"),
     ("algorithm.vespo.c2_neg=-1", r"algorithm\.vespo: kernel c2_neg must be finite and > 0"),
     ("algorithm.sapo.tau_neg=0", r"algorithm\.sapo: sapo temperatures must be > 0"),

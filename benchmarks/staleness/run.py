@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=StudyConfig.group_size)
     p.add_argument("--budget", type=float, default=StudyConfig.control_budget,
                    help="vespo_adaptive: the E_Q[W] budget C")
+    p.add_argument("--control-step", type=float, default=StudyConfig.control_step_size,
+                   help="vespo_adaptive: the dual step on c2 per unit of E_Q[W] - C")
     p.add_argument("--out", default="runs/staleness", help="output directory")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(StudyConfig(), steps=args.steps, lr=args.lr, eval_every=args.eval_every,
                   prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                  control_budget=args.budget)
+                  control_budget=args.budget, control_step_size=args.control_step)
     task = CipherTask()
     results: list[dict] = []
     step_rows: list[dict] = []

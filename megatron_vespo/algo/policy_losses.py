@@ -360,8 +360,8 @@ def bapo_bounds(rho: Tensor, adv: Tensor, keep: Tensor, p: BapoParams) -> tuple[
 
 @register("bapo", BapoParams)
 def bapo_loss(inp: PolicyLossInput, p: BapoParams) -> PolicyLossOutput:
-    """The bounds are chosen on the tokens of this call: a whole step in a single-process run; in
-    the distributed learner, each micro-batch share on its own (the largest reported)."""
+    """The bounds are chosen on the tokens of this call, so the loss is the step's only where a step
+    is one call (the config refuses bapo elsewhere); not split-invariant by definition."""
     r, _ = token_log_ratio(inp.masked_logp(), inp.behaviour_logp)
     rho, adv, keep = r.exp(), inp.token_advantages, inp.contributing
     c_lo, c_hi = bapo_bounds(rho.detach(), adv, keep, p)
