@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,8 @@ def _export_rank(rank: int, world_size: int, config: Config, checkpoint: str, ou
     from .learner.hf_convert import export_model_to_hf
     from .trainer import build_learner
 
-    learner = build_learner(config)
+    # The checkpoint overwrites every weight: the initial HF checkpoint need not be read first.
+    learner = build_learner(replace(config, train=replace(config.train, init_hf_checkpoint=None)))
     load_checkpoint_dir(learner, checkpoint)
     export_model_to_hf(out, [c.module for c in learner.chunks], config.model, config.parallel,
                        overwrite=True)

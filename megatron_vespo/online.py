@@ -67,6 +67,7 @@ class FleetSource:
         self._since_sync = 0
         self._version = 0  # the policy version the next rollout batch starts at
         self._eval = BackgroundEvaluation()  # rank 0
+        self._eval_sets: list = []  # rank 0: the task's, tokenised once at start
         self._evaluated: list[tuple[int, dict]] = []  # finished, not yet handed to the trainer
 
     def start(self, learner: Learner) -> None:

@@ -20,10 +20,9 @@ import numpy as np
 
 from ..tasks.eval_sets import EvalSet, eval_metrics, set_metrics
 from .client import RolloutClient, SamplingOptions
+from .source import Rewards
 
 logger = logging.getLogger(__name__)
-
-Rewards = Callable[[Sequence[dict], Sequence[Sequence[int]]], list]
 
 
 def set_sampling(base: SamplingOptions, eval_set: EvalSet) -> SamplingOptions:

@@ -84,32 +84,29 @@ class WorkerPool:
     def ask(self, request: dict) -> Optional[dict]:
         """The answer to one request; None when the worker timed out, died or did not start."""
         worker = self._idle.get()
-        answer = None
+        answer, timed_out = None, False
         try:
             if worker is None:
                 worker = _Worker(self.script, self.startup_timeout_s)
             answer = worker.ask(request, self.timeout_s)
         except (OSError, ValueError) as exc:  # would not start, or died mid-request
             logger.warning("%s: %s", self.script.name, exc)
-        if answer is None and worker is not None:
-            timed_out = worker.proc.poll() is None
-            worker.kill()  # its state is unknown: a fresh one serves the next request
-            worker = None
-            with self._lock:
-                if timed_out:
-                    self.stats.timeouts += 1
-                else:
-                    self.stats.failures += 1
-            if timed_out:
-                logger.warning("%s: a request took over %.1f s; its worker was killed (%s)",
-                               self.script.name, self.timeout_s, str(request)[:200])
-        elif answer is None:
-            with self._lock:
-                self.stats.failures += 1
-        else:
-            with self._lock:
+        finally:  # the slot always goes back; a worker without an answer is in an unknown state
+            if answer is None and worker is not None:
+                timed_out = worker.proc.poll() is None
+                worker.kill()
+                worker = None
+            self._idle.put(worker)
+        if timed_out:
+            logger.warning("%s: a request took over %.1f s; its worker was killed (%s)",
+                           self.script.name, self.timeout_s, str(request)[:200])
+        with self._lock:
+            if answer is not None:
                 self.stats.answered += 1
-        self._idle.put(worker)
+            elif timed_out:
+                self.stats.timeouts += 1
+            else:
+                self.stats.failures += 1
         return answer
 
     def ask_many(self, requests: Sequence[dict]) -> list[Optional[dict]]:
