@@ -75,6 +75,8 @@ def test_fleet_lists_both_servers_healthy(fleet):
     assert listed == {s.url: True for s in fleet.servers}
     assert fleet.worker_urls == [s.url for s in fleet.servers]
     assert fleet.check_health() == []
+    # the router this sglang-router version runs takes the flag: worker health is the fleet's
+    assert "--disable-circuit-breaker" in fleet.router_process.argv
 
 
 def test_servers_and_router_refuse_requests_without_the_runs_key(fleet, model_dir):

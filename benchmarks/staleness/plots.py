@@ -18,8 +18,10 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
 
 
-def curves_png(cells: dict[tuple[str, int, int], list[dict]], n: int, path: Path) -> Path:
-    """cells: (loss, N, seed) -> the step rows of `trainer.train_cell`; plots those with N = n."""
+def curves_png(cells: dict[tuple[str, int, int], list[dict]], n: int, path: Path,
+               title: str = "held-out greedy accuracy") -> Path:
+    """cells: (loss, N, seed) -> step rows (`trainer.train_cell`'s; the score under "acc", titled
+    `title`); plots those with N = n."""
     fig = new_figure(11, 4)
     acc_ax, w_ax = fig.subplots(1, 2)
     by_loss: dict[str, list[list[dict]]] = defaultdict(list)
@@ -37,7 +39,7 @@ def curves_png(cells: dict[tuple[str, int, int], list[dict]], n: int, path: Path
         for rows in runs:
             steps, std = _series(rows, "is/log_w_std")
             w_ax.plot(steps, std, color=color, alpha=0.5, linewidth=0.6)
-    acc_ax.set(title=f"held-out greedy accuracy, N = {n}", xlabel="optimizer step", ylabel="accuracy",
+    acc_ax.set(title=f"{title}, N = {n}", xlabel="optimizer step", ylabel=title,
                ylim=(0, 1))
     acc_ax.legend(loc="upper left", fontsize=8)
     w_ax.set(title=f"std of log W within the mini-batch, N = {n}", xlabel="optimizer step",

@@ -19,7 +19,6 @@ curves_N{n}.png, and an MLflow store (mlflow.db: one run per cell with per-step 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
@@ -33,6 +32,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import print_table  # noqa: E402
 from benchmarks.staleness.plots import curves_png  # noqa: E402
+from benchmarks.staleness.sweep import (mean_spread, resolve_sweep, sweep_parser,  # noqa: E402
+                                       write_csv)
 from benchmarks.staleness.task import CipherTask  # noqa: E402
 from benchmarks.staleness.trainer import LOSSES, StudyConfig, train_cell, warm_up  # noqa: E402
 from megatron_vespo.tracking.mlflow_run import TrackingConfig, start_tracker  # noqa: E402
@@ -54,11 +55,7 @@ class CellParams:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 seed, N in {1, 64}, vespo and grpo")
-    p.add_argument("--losses", help=f"comma-separated from {','.join(LOSSES)}")
-    p.add_argument("--ns", help="comma-separated staleness values N")
-    p.add_argument("--seeds", help="comma-separated seeds")
+    p = sweep_parser(__doc__, QUICK, LOSSES)
     p.add_argument("--steps", type=int, default=StudyConfig.steps, help="optimizer steps per cell")
     p.add_argument("--lr", type=float, default=StudyConfig.lr)
     p.add_argument("--eval-every", type=int, default=StudyConfig.eval_every)
@@ -72,32 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key in ("losses", "ns", "seeds"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    args.losses = [s.strip() for s in args.losses.split(",") if s.strip()]
-    unknown = sorted(set(args.losses) - set(LOSSES))
-    if unknown:
-        p.error(f"unknown loss(es) {unknown}; choose from {list(LOSSES)}")
-    args.ns = [int(s) for s in args.ns.split(",")]
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    bad = [n for n in args.ns if n < 1 or args.steps % n]
-    if bad:
-        p.error(f"--steps {args.steps} must be a positive multiple of every N; not of {bad}")
-    return args
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    """Rows with possibly different keys; columns are their union in first-seen order."""
-    columns: dict[str, None] = {}
-    for row in rows:
-        columns.update(dict.fromkeys(row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return resolve_sweep(p, args, QUICK if args.quick else FULL, LOSSES)
 
 
 def _tracker(args: argparse.Namespace, out: Path, run_name: str, params: object):
@@ -109,11 +81,6 @@ def summarise(results: list[dict], losses: list[str], ns: list[int]) -> list[lis
     """Table rows per (loss, N): mean final / best accuracy over seeds (+- std when > 1 seed) and
     the final accuracy kept relative to the same loss at the smallest N."""
 
-    def fmt(values: list[float]) -> str:
-        if len(values) == 1:
-            return f"{values[0]:.3f}"
-        return f"{np.mean(values):.3f}+-{np.std(values, ddof=1):.3f}"
-
     table = []
     for loss in losses:
         base = [r["final_acc"] for r in results if r["method"] == loss and r["N"] == min(ns)]
@@ -124,7 +91,7 @@ def summarise(results: list[dict], losses: list[str], ns: list[int]) -> list[lis
             final = [r["final_acc"] for r in cell]
             kept = np.mean(final) / np.mean(base) if base and np.mean(base) > 0 else math.nan
             table.append([loss, n, len(cell), f"{np.mean([r['warmup_acc'] for r in cell]):.3f}",
-                          fmt(final), fmt([r["best_acc"] for r in cell]), f"{kept:.2f}",
+                          mean_spread(final), mean_spread([r["best_acc"] for r in cell]), f"{kept:.2f}",
                           f"{np.mean([r['seconds'] for r in cell]):.0f}"])
     return table
 

@@ -114,6 +114,11 @@ def router_argv(port: int, metrics_port: int, worker_urls: Sequence[str], host: 
             "--policy", policy, "--prometheus-host", host, "--prometheus-port", str(metrics_port)]
     if worker_urls:
         argv += ["--worker-urls", *worker_urls]
+    # The fleet owns worker health (`Fleet.check_health` takes dead servers out and brings them back).
+    # The router's circuit breaker would instead open after 10 failed sends, and a burst of requests
+    # meeting keep-alive connections the server just closed is enough for that. It then refuses
+    # every request to a healthy server for 60 s; seen on CPU, where a whole evaluation was lost.
+    argv.append("--disable-circuit-breaker")
     # --api-key: the router requires it on every endpoint but /health and sends it to its workers.
     return argv + api_key_args() + list(extra_args)
 
