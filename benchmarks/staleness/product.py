@@ -188,7 +188,11 @@ def run_cell(args: argparse.Namespace, cell: Cell, warm: Path, fleet: SharedFlee
     of the same settings; None when the run failed (its log tail is printed)."""
     run_dir = out / "cells" / cell.name
     overrides = cell_overrides(args, cell, warm.resolve(), fleet.fleet.router_url, out)
-    settings = [o for o in overrides if not o.startswith("rollout.fleet.attach_router_url=")]
+    # What the cell's result depends on: its run's config (the fleet's address aside), and what the
+    # study gives every cell from outside it (the warm-up behind the fixed path, the engine's dtype).
+    settings = [o for o in overrides if not o.startswith("rollout.fleet.attach_router_url=")] + [
+        f"warmup_steps={args.warmup_steps}", f"warmup_lr={args.warmup_lr}",
+        f"engine_dtype={args.engine_dtype}"]
     stamp = run_dir / "study_cell.json"
     if stamp.exists():
         done = json.loads(stamp.read_text())
