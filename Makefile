@@ -24,7 +24,7 @@ slurm-local:
 	fi
 
 test: install slurm-local
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # On a bare CUDA machine (nothing installed from the network; see the script's header for the one
 # wheel to carry): the GPU path in one table, in minutes.

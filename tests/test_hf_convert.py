@@ -393,12 +393,13 @@ def worker(rank, world_size, cases, checkpoints, ids, out_root, error_case=None)
     import torch.distributed as dist
 
     from megatron_vespo.learner.hf_config import CheckpointError
-    from megatron_vespo.learner.hf_convert import export_model_to_hf, load_hf_into_model
+    from megatron_vespo.learner.hf_convert import export_model_to_hf, hf_buckets, load_hf_into_model
     from megatron_vespo.learner.hf_files import load_hf_checkpoint
     from megatron_vespo.learner.init_weights import init_weights, initial_tensor
     from megatron_vespo.learner.state_adapter import canonical_state, hf_to_megatron, megatron_to_hf
     from megatron_vespo.parallel.layout import ParallelLayout
-    from megatron_vespo.parallel.sharded_state import ShardMismatch, gather_full_state, load_full_state
+    from megatron_vespo.parallel.sharded_state import (ShardMismatch, gather_full_state, load_full_state,
+                                                       plan_stream)
 
     results = {}
     for family, name, kw in cases:
@@ -467,6 +468,11 @@ def worker(rank, world_size, cases, checkpoints, ids, out_root, error_case=None)
                 errors["export"] = f"{type(exc).__name__}: {exc}"
             errors["untouched"] = _same(before, _snapshot(chunks))
             results["errors"] = errors
+            # bf16 weights with fp32 norms, in buckets large enough for the whole model: one
+            # bucket per dtype on each sender (the norms of every layer do not cut the bf16 ones).
+            cfg16 = dataclasses.replace(cfg, params_dtype="bfloat16")
+            plan = plan_stream(_build(cfg16, layout), canonical_state(cfg16), layout)
+            results["bucket_dtypes"] = [b.tensors[0][1].dtype for b in hf_buckets(plan, cfg16, 1 << 30)]
         dist.barrier()
     return results
 
@@ -535,3 +541,9 @@ def test_bad_input_against_live_model(two_rank_results):
         assert "expected local shape (48, 64) from the config, model has (32, 64)" in errors["gather"]
         assert "exists" in errors["export"], errors["export"]
         assert errors["untouched"], f"rank {rank}: a failed load modified the model"
+
+
+def test_each_dtype_streams_in_one_bucket(two_rank_results):
+    sender = two_rank_results[0]["bucket_dtypes"]  # TP2: rank 0 sends the whole model
+    assert sorted(map(str, sender)) == ["torch.bfloat16", "torch.float32"], sender
+    assert two_rank_results[1]["bucket_dtypes"] == []
