@@ -76,11 +76,11 @@ def test_gpu_check_dry_run():
 def test_weight_sync_small():
     out = run_script("weight_sync.py", "--layers", "1", "--bucket-mb", "1", "--hidden", "128",
                      "--vocab", "1024", timeout=300)
-    for path in ("stream sync", "former sync", "plain broadcast", "plain relay", "stream export",
-                 "plain write"):
+    for path in ("stream sync", "former sync", "plain broadcast", "plain relay", "stream sync @ link",
+                 "former sync @ link", "plain broadcast @ link", "stream export", "plain write"):
         assert re.search(rf"^EP2 [\d.]+ \S+ {path} r1\s", out, re.M), out
-    assert re.search(r"^TP2 .*: streaming peak RSS .* stream sync / plain broadcast = [\d.]+x .*"
-                     r"/ broadcast \+ relay = [\d.]+x$", out, re.M), out
+    assert re.search(r"^TP2 .*: streaming peak RSS .* stream sync / plain broadcast at a 200 MB/s link = "
+                     r"[\d.]+x .* on loopback [\d.]+x, / broadcast \+ relay [\d.]+x$", out, re.M), out
     assert re.search(r"^RESULT: (PASS|FAIL)$", out, re.M), out
 
 
