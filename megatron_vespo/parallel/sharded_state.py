@@ -261,9 +261,10 @@ def plan_stream(model_chunks: Sequence[torch.nn.Module], state: Canonical, layou
         group, dtype = holdings[name]
         entries.append(_Entry(name, tuple(shape), dtype, rank, group, stage_sender[stage]))
     # One dtype after another (in order of first appearance), canonical order within each: a bucket
-    # holds one dtype, so the small fp32 tensors of every layer (norms, router biases) would
-    # otherwise cut a bf16 bucket several times a layer (27 buckets instead of 6 at 128 MiB for a
-    # 4-layer 536 MiB model, each with its own HTTP call and receive on every server).
+    # holds one dtype, so a model with parameters of two dtypes (the local spec keeps its norms in
+    # fp32 beside bf16 weights) would otherwise cut a bucket several times a layer (27 buckets
+    # instead of 6 at 128 MiB for a 4-layer 536 MiB model, each with its own HTTP call and receive
+    # on every server).
     dtype_order: Dict[torch.dtype, int] = {}
     for entry in entries:
         dtype_order.setdefault(entry.dtype, len(dtype_order))
