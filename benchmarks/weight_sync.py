@@ -38,9 +38,10 @@ broadcast alone: "/ broadcast + relay" is the ratio against both plain transfers
 must move. A GPU cluster with the servers on their own nodes is in another regime: the
 servers' link (InfiniBand, ~50 GB/s a NIC) is several times slower than the stage's own exchange
 (NVLink, ~450 GB/s) and copies (HBM), so a sync is as fast as the sender keeps that link busy:
-gathering the next bucket while the previous one is on it, and little time between buckets. The simulated link puts this host in that regime: the receiver answers a bucket no
-sooner than its bytes would cross a link of --link-mb-s (default 200 MB/s, about a ninth of the
-rate this host assembles buckets at, as InfiniBand is to NVLink). The time target is judged there;
+gathering the next bucket while the previous one is on it, and little time between buckets. The
+simulated link puts this host in that regime: the receiver answers a bucket no sooner than its
+bytes would cross a link of --link-mb-s (default 200 MB/s, about a ninth of the rate this host
+assembles buckets at, as InfiniBand is to NVLink). The time target is judged there;
 the loopback ratios are printed beside it.
 """
 
@@ -270,7 +271,11 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
     if rank == 0:
         post_json(url, "/reset")
     versions = itertools.count(2)
-    measure("stream sync", lambda: sync.sync(chunks, cfg, layout, [url], next(versions)), TIMED_REPEATS)
+
+    def stream_sync():
+        sync.sync(chunks, cfg, layout, [url], next(versions))
+
+    measure("stream sync", stream_sync, TIMED_REPEATS)
     received = None
     if rank == 0:
         from megatron_vespo.rollout.server import get_json
@@ -283,8 +288,8 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
 
     def plain_relay():
         piece = torch.empty(min(bucket_bytes, max(relayed)), dtype=torch.uint8).fill_(1)
-        for src, count in enumerate(relayed):
-            for start in range(0, count if src else 0, bucket_bytes):
+        for src, count in enumerate(relayed[1:], start=1):  # to rank 0, the sender
+            for start in range(0, count, bucket_bytes):
                 part = piece[:min(bucket_bytes, count - start)]
                 if rank == src:
                     dist.send(part, 0)
@@ -324,8 +329,7 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
         measure("plain broadcast", functools.partial(plain_broadcast, flat), TIMED_REPEATS)
         if rank == 0:
             post_json(url, "/link", {"bytes_per_s": link_bytes_per_s})
-        measure("stream sync @ link", lambda: sync.sync(chunks, cfg, layout, [url], next(versions)),
-                TIMED_REPEATS)
+        measure("stream sync @ link", stream_sync, TIMED_REPEATS)
         measure("plain broadcast @ link", functools.partial(plain_broadcast, flat), TIMED_REPEATS)
         measure("former sync @ link", former)
         if rank == 0:
