@@ -2,9 +2,11 @@
 to rank 0, and a plain broadcast / plain write of the same bytes, in one run.
 
     python benchmarks/weight_sync.py [--layers 4 8] [--bucket-mb 128] [--link-mb-s 200]
+    python benchmarks/weight_sync.py --paper-shape --layers 2 --bucket-mb 512
 
-A synthetic Qwen3-MoE in bfloat16 (hidden 1024, 16 experts of width 1024, vocab 32k; the layer
-counts give the model sizes) is built as real megatron-core GPTModel chunks on 2 gloo ranks, in two
+A synthetic Qwen3-MoE in bfloat16 (hidden 1024, 16 experts of width 1024, vocab 32k; or with
+--paper-shape Qwen3-30B-A3B's layer and vocabulary: hidden 2048, 128 experts of width 768, vocab
+151,936; the layer counts give the model sizes) is built as real megatron-core GPTModel chunks on 2 gloo ranks, in two
 layouts: TP2 (experts split by expert-TP 2) and EP2. Each rank then, in turn:
 
 * stream sync: `DistributedWeightSync.sync` into the receiver;
@@ -219,17 +221,26 @@ class WireBytes:
 # ------------------------------------------------------------------------------------------------
 
 
-def _model_config(layers: int, hidden: int, vocab: int):
+# Qwen3-30B-A3B's layer and vocabulary (the model has 48 such layers): `--paper-shape`.
+QWEN3_30B_A3B = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                     vocab_size=151936)
+
+
+def small_shape(hidden: int, vocab: int) -> dict:
+    return dict(hidden_size=hidden, num_attention_heads=8, num_key_value_heads=4,
+                head_dim=hidden // 8, num_experts=16, num_experts_per_tok=4,
+                moe_intermediate_size=hidden, vocab_size=vocab)
+
+
+def _model_config(layers: int, shape: dict):
     from megatron_vespo.learner.model import ModelConfig
 
-    return ModelConfig(family="qwen3_moe", vocab_size=vocab, hidden_size=hidden,
-                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                       head_dim=hidden // 8, num_experts=16, num_experts_per_tok=4,
-                       moe_intermediate_size=hidden, params_dtype="bfloat16", spec="local",
-                       tie_word_embeddings=False)
+    return ModelConfig(family="qwen3_moe", num_hidden_layers=layers, params_dtype="bfloat16",
+                       spec="local", tie_word_embeddings=False, **shape)
 
 
-def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir, hidden, vocab,
+def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir, shape,
               link_bytes_per_s):
     import torch
     import torch.distributed as dist
@@ -243,7 +254,7 @@ def rank_body(rank, world_size, layout_name, layers, bucket_bytes, url, out_dir,
     from megatron_vespo.rollout.server import post_json
     from megatron_vespo.rollout.weight_sync import DistributedWeightSync
 
-    cfg = _model_config(layers, hidden, vocab)
+    cfg = _model_config(layers, shape)
     layout = ParallelLayout(**LAYOUTS[layout_name])
     layout.initialize()
     with torch.no_grad():
@@ -372,6 +383,8 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--paper-shape", action="store_true",
+                        help="Qwen3-30B-A3B's layers and vocabulary (not --hidden, --vocab)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--link-mb-s", type=float, default=200.0,
                         help="the simulated server link, MB/s (see the docstring)")
@@ -380,6 +393,7 @@ def main() -> None:
     from megatron_vespo.launch import run_ranks
     from megatron_vespo.ports import free_ports
 
+    shape = QWEN3_30B_A3B if args.paper_shape else small_shape(args.hidden, args.vocab)
     bucket = args.bucket_mb << 20
     ctx = mp.get_context("spawn")
     port = free_ports(1, "127.0.0.1")[0]
@@ -394,7 +408,7 @@ def main() -> None:
             for layout_name in args.layouts:
                 for layers in args.layers:
                     results = run_ranks(rank_body, 2, layout_name, layers, bucket, url, out_dir,
-                                        args.hidden, args.vocab, args.link_mb_s * 1e6)
+                                        shape, args.link_mb_s * 1e6)
                     model = results[0]["model_bytes"]
                     label = f"{layout_name} {human_bytes(model)}"
                     for path in ("stream sync", "stream, no wire", "former sync", "plain broadcast",
@@ -417,8 +431,10 @@ def main() -> None:
                     print(f"done: {label}", flush=True)
     finally:
         receiver.terminate()
-    print(f"\nbucket {human_bytes(bucket)}; synthetic Qwen3-MoE bf16 (hidden {args.hidden}, 16 experts), "
-          "2 gloo ranks; receiver: a stand-in for an SGLang server (see the docstring)")
+    print(f"\nbucket {human_bytes(bucket)}; synthetic Qwen3-MoE bf16 (hidden {shape['hidden_size']}, "
+          f"{shape['num_experts']} experts of width {shape['moe_intermediate_size']}, vocab "
+          f"{shape['vocab_size']}), 2 gloo ranks; receiver: a stand-in for an SGLang server (see the "
+          "docstring)")
     print_table(["layout size path rank", "seconds", "peak RSS +", "in buckets", "own shards",
                  "sent"], table)
     ok = True
