@@ -79,7 +79,8 @@ def hf_buckets(plan: StreamPlan, cfg: ModelConfig, bucket_bytes: int) -> Iterato
 
     Two buffers take turns (their pages stay mapped: no fresh memory per bucket), so a bucket is
     valid until the next but one is requested: a consumer may keep one bucket in flight while the
-    next is filled, never two."""
+    next is filled, never two. A tensor larger than a bucket takes the idle buffer's place, so at
+    most two buffers live at once, each at most max(bucket_bytes, the largest tensor)."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     import torch.distributed as dist
@@ -103,6 +104,7 @@ def hf_buckets(plan: StreamPlan, cfg: ModelConfig, bucket_bytes: int) -> Iterato
             filling = None
         if filling is None:
             if nbytes > capacity:  # a tensor larger than a bucket travels alone, in its own buffer
+                buffers = [b for b in buffers if b is last]  # the idle one goes: two buffers at most
                 flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
             else:
                 flat = next((b for b in buffers if b is not last), None)
