@@ -29,6 +29,7 @@ import torch
 from .algo.kernel import (KernelConstants, kernel_mode, kernel_peak, variance_bound_constant,
                           vespo_phi)
 from .config import dump_config, flatten, load_config
+from .launch import dump_stacks_on_signal
 from .algo.metrics import sequence_metrics
 from .algo.importance import SequenceStats
 
@@ -282,6 +283,7 @@ def stop(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    dump_stacks_on_signal()
     parser = argparse.ArgumentParser(prog="megatron-vespo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="print the VESPO kernel, its constants and its effect on stale batches")

@@ -9,6 +9,7 @@ the CPU shim for megatron-core when there is no GPU, and returns every rank's re
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -59,6 +60,20 @@ def _shutdown() -> None:
 PARENT_DEATH_SIGNAL = signal.SIGUSR1
 
 
+# `kill -USR2 PID` on a run that seems stuck: the launcher, every rank (under torchrun too, not
+# torchrun itself) and every SGLang server process we start write the Python stacks of all their
+# threads to their stderr (a server's: its log file) and run on. faulthandler writes from the signal
+# handler itself, so a rank blocked inside a collective answers too.
+STACKS_SIGNAL = signal.SIGUSR2
+
+
+def dump_stacks_on_signal() -> None:
+    """Make STACKS_SIGNAL print this process's stacks (see above) instead of ending it. To the
+    process's own stderr (file descriptor 2), also when a host such as pytest swapped sys.stderr."""
+    if sys.__stderr__ is not None:
+        faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
+
+
 def _die_with(parent: int) -> None:
     """PARENT_DEATH_SIGNAL to this rank when the launcher `parent` dies, however it dies (Linux's
     parent-death signal): the rank stops after its current step with a checkpoint, as on Ctrl-C,
@@ -72,6 +87,7 @@ def _die_with(parent: int) -> None:
 
 
 def _child(rank, world_size, fn, args, out_dir, parent):
+    dump_stacks_on_signal()
     _die_with(parent)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     out = Path(out_dir) / f"rank{rank}.pt"

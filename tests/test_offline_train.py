@@ -1,24 +1,22 @@
 """`megatron-vespo train CONFIG --rollouts FILE`, end to end through the CLI, on spawned ranks."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_vespo.learner.samples import write_samples
 from megatron_vespo.tracking.jsonl import read_metrics
+from tests.cli_process import run_cli
 from tests.test_learner import make_samples
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny_moe_cpu.yaml")
 
 
 def train(tmp_path, rollouts, *overrides, resume=False):
-    cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", CONFIG, f"train.output_dir={tmp_path / 'run'}",
-           "train.rollout_batch_size=8", "train.staleness=2", "train.micro_batch_size=2", *overrides,
-           "--rollouts", str(rollouts)] + (["--resume"] if resume else [])
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return run_cli(["train", CONFIG, f"train.output_dir={tmp_path / 'run'}", "train.rollout_batch_size=8",
+                    "train.staleness=2", "train.micro_batch_size=2", *overrides, "--rollouts",
+                    str(rollouts)] + (["--resume"] if resume else []), tmp_path / "run")
 
 
 @pytest.mark.slow

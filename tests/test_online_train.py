@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from megatron_vespo.rollout.auth import run_api_key, use_api_key
+from tests.cli_process import run_cli
 
 # server, shm_dir: pytest fixtures (a real mlflow server with its store on /dev/shm)
 from tests.mlflow_server import artifacts, server, shm_dir  # noqa: F401
@@ -39,9 +40,7 @@ def _config(tmp_path: Path, **sections) -> Path:
 
 
 def _train(config: Path, run_dir: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(config), "--run-dir", str(run_dir),
-           *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    done = run_cli(["train", str(config), "--run-dir", str(run_dir), *extra], run_dir, timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -112,9 +111,8 @@ def test_sync_training_then_resume_then_eval(tmp_path, server):
 
     # `eval` on a megatron checkpoint: exported by the learner ranks, served by a fleet of its own,
     # the table printed, the metrics in the run's MLflow run at the checkpoint's step.
-    done = subprocess.run([sys.executable, "-m", "megatron_vespo.cli", "eval", str(config), "--run-dir",
-                           str(run_dir), "--checkpoint", str(run_dir / "checkpoints" / "step_00000002")],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    done = run_cli(["eval", str(config), "--run-dir", str(run_dir), "--checkpoint",
+                    str(run_dir / "checkpoints" / "step_00000002")], run_dir)
     assert done.returncode == 0, done.stderr[-4000:]
     table = done.stdout.splitlines()
     assert table[0].endswith("(step 2)") and table[1].split()[:3] == ["set", "k", "avg@k"]

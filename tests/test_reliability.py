@@ -483,22 +483,53 @@ def test_the_launcher_fails_as_soon_as_one_rank_fails():
     assert time.monotonic() - start < 120
 
 
-def listening_addresses(rank, world_size):
-    """The addresses this rank's process listens on, once every rank has met."""
+def meet_then_wait(rank, world_size, flags):
+    """The addresses this rank's process listens on once every rank has met; then rank 0 waits in a
+    barrier until the test has signalled both ranks (rank 1 joins it after that)."""
     import psutil
     import torch.distributed as dist
 
     dist.barrier()
-    return sorted({c.laddr.ip for c in psutil.Process().net_connections("tcp")
-                   if c.status == psutil.CONN_LISTEN})
+    addresses = sorted({c.laddr.ip for c in psutil.Process().net_connections("tcp")
+                        if c.status == psutil.CONN_LISTEN})
+    (flags / f"ready{rank}").touch()
+    while rank == 1 and not (flags / "signalled").exists():
+        time.sleep(0.05)
+    dist.barrier()
+    return addresses
 
 
-def test_local_ranks_listen_on_no_wildcard_address():
-    """Before: the ranks met at a TCP store that listened on every interface without a key."""
-    from megatron_vespo.launch import run_ranks as launch
+def test_local_ranks_listen_on_no_wildcard_address_and_print_stacks_on_signal(tmp_path, capfd):
+    """Before: the ranks met at a TCP store that listened on every interface without a key.
+    `kill -USR2` on a stuck run: each rank prints all its threads' stacks, rank 0 from inside the
+    collective it is blocked in, and both carry on."""
+    import threading
 
-    for addresses in launch(listening_addresses, 2, timeout=300):
+    import psutil
+
+    from megatron_vespo.launch import STACKS_SIGNAL, run_ranks as launch
+
+    result = []
+    thread = threading.Thread(target=lambda: result.extend(launch(meet_then_wait, 2, tmp_path,
+                                                                  timeout=300)))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1)  # rank 0 is inside the barrier
+    for child in psutil.Process().children():
+        if "spawn_main" in " ".join(child.cmdline()):
+            child.send_signal(STACKS_SIGNAL)
+    time.sleep(2)
+    (tmp_path / "signalled").touch()
+    thread.join(120)
+    assert len(result) == 2
+    for addresses in result:
         assert not {"0.0.0.0", "::"} & set(addresses), addresses
+    err = capfd.readouterr().err
+    assert err.count("in meet_then_wait") == 2, err[-3000:]
+    assert "barrier" in err
 
 
 def test_a_run_directory_has_one_trainer_and_a_dead_holder_is_taken_over(tmp_path, capsys):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 from megatron_vespo.learner.samples import write_samples
 from megatron_vespo.tracking.jsonl import read_metrics
+from tests.cli_process import run_cli
 from tests.distributed import run_ranks
 from tests.test_learner import MOE, full_state, make_samples, micro_batches
 
@@ -137,11 +136,10 @@ def test_offline_training_writes_load_heatmaps(tmp_path):
     rollouts = tmp_path / "rollouts.jsonl"
     write_samples(rollouts, with_engine_routes(make_samples(n=8, vocab=64)))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", CONFIG, f"train.output_dir={run}",
-           "train.rollout_batch_size=8", "train.staleness=2", "train.micro_batch_size=2",
-           "train.world_size=1", "algorithm.routing_metrics=true", "train.heatmap_interval=2",
-           "--rollouts", str(rollouts)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = run_cli(["train", CONFIG, f"train.output_dir={run}", "train.rollout_batch_size=8",
+                    "train.staleness=2", "train.micro_batch_size=2", "train.world_size=1",
+                    "algorithm.routing_metrics=true", "train.heatmap_interval=2", "--rollouts",
+                    str(rollouts)], run)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (run / "routing").iterdir()) == ["step_00000002.png"]
     rows = read_metrics(run / "metrics.jsonl")

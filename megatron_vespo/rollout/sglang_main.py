@@ -10,6 +10,9 @@ import sys
 
 import torch
 
+from megatron_vespo.launch import dump_stacks_on_signal
+
+dump_stacks_on_signal()  # in the scheduler and detokenizer too: each imports this module
 if not torch.cuda.is_available():
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     from megatron_vespo.patches import sglang_cpu
