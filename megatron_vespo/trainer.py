@@ -99,7 +99,8 @@ class SampleSource(Protocol):
         """Rank 0: continue from `state_dict()`'s (None: a fresh start)."""
 
     def close(self) -> None:
-        """Every rank: stop what the source started."""
+        """Every rank, not collective (it also runs on a rank that failed alone): stop what the
+        source started."""
 
 
 class StopRequest:

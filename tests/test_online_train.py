@@ -274,3 +274,17 @@ def test_two_runs_with_one_seed_train_alike(tmp_path):
                      for r in _metrics(tmp_path / f"run{k}") if "loss" in r])
     assert [s for s, *_ in runs[0]] == [1, 2, 3, 4]
     assert runs[0] == runs[1]
+
+
+def test_a_fleet_that_fails_to_start_ends_the_run_with_its_error(tmp_path):
+    """Rank 0 alone fails (its SGLang server exits at start-up) while rank 1 already waits for the
+    first weight sync: the run ends at once with the server's error. Before, rank 0's teardown
+    entered a collective (closing the weight-update groups) that rank 1 never joined, and the run
+    hung without a word."""
+    config = _config(tmp_path, train={"world_size": 2},
+                     rollout={"weight_sync": "distributed",
+                              "fleet": {"server": {"extra_args": ["--no-such-sglang-flag"]}}})
+    run_dir = tmp_path / "run"
+    done = run_cli(["train", str(config), "--run-dir", str(run_dir)], run_dir, timeout=240)
+    assert done.returncode != 0
+    assert "--no-such-sglang-flag" in done.stderr and "SGLang server" in done.stderr, done.stderr[-4000:]

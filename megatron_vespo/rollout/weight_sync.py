@@ -23,6 +23,7 @@ from weights nobody can name.
 from __future__ import annotations
 
 import datetime
+import logging
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,8 @@ from .auth import auth_headers
 from .server import ServerError, get_json, post_json, weight_version
 from .weight_check import StreamChecksums, check_servers, refuse_unsupported
 
+logger = logging.getLogger(__name__)
+
 GROUP_NAME = "megatron_vespo_weight_update"
 # How often a sender looks at its broadcast and the servers' answers: half of it is lost per bucket
 # on average (at the paper's size, ~120 buckets of 512 MiB a sync).
@@ -54,9 +57,10 @@ _POLL_S = 0.001
 
 
 class WeightSync(Protocol):
-    """How new weights reach the servers. `sync` and `close` are called on every learner rank.
+    """How new weights reach the servers. `sync` is collective: called on every learner rank.
     `fresh`: those of `urls` (re)started since the last sync; a restarted server keeps its URL but
-    none of the state a sync left on it."""
+    none of the state a sync left on it. `close` is called on every rank but is not collective: it
+    also runs when the run fails on one rank while the others wait in some other collective."""
 
     def sync(self, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, layout: ParallelLayout,
              urls: Sequence[str], version: int, fresh: Sequence[str] = ()) -> None: ...
@@ -223,8 +227,8 @@ class DistributedWeightSync:
     picks by device). master_address: the address servers reach the senders on global rank 0's
     host at (None: the host's name resolved; senders on other hosts always use their own name).
     check: compare every server's checksums with the learner's after each update. The groups are
-    made on the first sync and reused while the fleet's URLs stay the same; `close()` (every rank)
-    destroys them on both sides.
+    made on the first sync and reused while the fleet's URLs stay the same; `close()` (every rank,
+    not collective) destroys them on both sides.
     """
 
     def __init__(self, bucket_bytes: int = 512 << 20, timeout_s: float = 300.0,
@@ -288,14 +292,16 @@ class DistributedWeightSync:
                                              {"group_name": old.name}, self.timeout_s))
 
     def close(self) -> None:
-        """Destroy the update groups on the senders and on their servers. Collective."""
-        error = None
+        """Destroy this sender's update group here and on its servers. Not collective (see
+        `WeightSync`): a collective here made a rank whose run failed wait forever for peers that
+        were elsewhere, instead of exiting with its error. A server that cannot be told is only
+        logged: it is being stopped, or it is attached and keeps a group nobody uses again."""
         try:
             self._close_group(self._urls)
-        except Exception as exc:  # noqa: BLE001 - raised on every rank below
-            error = exc
-        self._stale = True
-        _raise_everywhere(error)
+        except Exception as exc:  # noqa: BLE001 - the run is ending; its own error matters more
+            logger.warning("weight sync: could not destroy the update group on the servers: %s", exc)
+        finally:
+            self._stale = True
 
     # -- one sync ---------------------------------------------------------------------------------
 
