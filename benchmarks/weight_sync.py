@@ -6,8 +6,8 @@ to rank 0, and a plain broadcast / plain write of the same bytes, in one run.
 
 A synthetic Qwen3-MoE in bfloat16 (hidden 1024, 16 experts of width 1024, vocab 32k; or with
 --paper-shape Qwen3-30B-A3B's layer and vocabulary: hidden 2048, 128 experts of width 768, vocab
-151,936; the layer counts give the model sizes) is built as real megatron-core GPTModel chunks on 2 gloo ranks, in two
-layouts: TP2 (experts split by expert-TP 2) and EP2. Each rank then, in turn:
+151,936; the layer counts give the model sizes) is built as real megatron-core GPTModel chunks on
+2 gloo ranks, in two layouts: TP2 (experts split by expert-TP 2) and EP2. Each rank then, in turn:
 
 * stream sync: `DistributedWeightSync.sync` into the receiver;
 * stream, no wire: the same buckets assembled on the sender (gathers, sends, reorders) and dropped;

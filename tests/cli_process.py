@@ -23,7 +23,8 @@ from megatron_vespo.launch import STACKS_SIGNAL
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(args: list[str], run_dir: Optional[Path] = None, timeout: float = 600.0) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], run_dir: Optional[Path] = None,
+            timeout: float = 600.0) -> subprocess.CompletedProcess:
     """`megatron-vespo ARGS` from the repository root; its output, or the test fails with the stacks
     of a run that outlived `timeout` seconds."""
     cmd = [sys.executable, "-m", "megatron_vespo.cli", *args]

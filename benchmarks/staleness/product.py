@@ -18,8 +18,9 @@ routing replay differ. R3 cells (`--r3`) replay the engine's routes in training 
 Writes into --out: results.csv (a row per cell: warm-up, final and best held-out reward, mean k3
 KL, route mismatch, route drift and spread of log W), steps.csv (the cells' step and evaluation
 rows), curves_N{n}.png, cells/ (each cell's run directory and log; a finished cell is reused when
-the study is run again with the same --out), and mlflow.db (one MLflow run per cell, as the product logs it, plus a "summary" run
-holding the CSVs and PNGs). Prints a summary table; exits non-zero if a cell failed.
+the study is run again with the same --out), and mlflow.db (one MLflow run per cell, as the
+product logs it, plus a "summary" run holding the CSVs and PNGs). Prints a summary table; exits
+non-zero if a cell failed.
 
     python benchmarks/staleness/product.py --quick   # vespo, grpo; N in {1, 16}; seed 0
     python benchmarks/staleness/product.py           # 4 losses x N in {1, 16} x 3 seeds, R3 cells
