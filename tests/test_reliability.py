@@ -521,7 +521,8 @@ def test_local_ranks_listen_on_no_wildcard_address_and_print_stacks_on_signal(tm
     for child in psutil.Process().children():
         if "spawn_main" in " ".join(child.cmdline()):
             child.send_signal(STACKS_SIGNAL)
-    time.sleep(2)
+            time.sleep(1)  # one at a time: both ranks write to one stderr
+    time.sleep(1)
     (tmp_path / "signalled").touch()
     thread.join(120)
     assert len(result) == 2
